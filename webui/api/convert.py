@@ -1,0 +1,310 @@
+"""Pure conversion between A1111 API JSON and our types (no FastAPI, no context, no torch).
+
+* ``txt2img_request``: ``Txt2ImgRequest`` (A1111 fields) -> ``GenerationRequest`` + what the route needs
+  (send_images, warnings about ignored fields, options to keep afterwards).
+* ``a1111_info`` / ``a1111_parameters``: a finished job -> A1111's ``info`` / ``parameters``.
+* ``a1111_progress`` / ``job_info``: a ``Job`` -> ``/sdapi/v1/progress`` and ``/webui/v1/jobs/{id}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any, Mapping
+
+from webui.api.schemas import Txt2ImgRequest
+from webui.generation import samplers
+from webui.options import SPECS_BY_KEY
+from webui.types import GenerationRequest, JobState, RequestError
+
+A1111_DEFAULT_SAMPLER = "Euler"  # A1111's API falls back to sampler_index, whose default is "Euler"
+# override_settings keys that become fields of the job itself (per job, never global).
+OVERRIDE_FIELDS: Mapping[str, str] = {
+    "sd_model_checkpoint": "checkpoint",
+    "sd_vae": "vae",
+    "CLIP_stop_at_last_layers": "clip_skip",
+}
+_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\s*$")
+# infotext (GenerationRequest field names, from webui.io.metadata) -> A1111 request fields
+_INFOTEXT_FIELDS: Mapping[str, str] = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "cfg_scale": "cfg_scale",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "subseed": "subseed",
+    "subseed_strength": "subseed_strength",
+    "batch_size": "batch_size",
+    "sampler": "sampler_name",
+    "schedule": "scheduler",
+}
+
+
+class NotAvailable(Exception):
+    """The request asks for a feature this version does not have yet (HTTP 501)."""
+
+
+@dataclass(frozen=True)
+class ApiDefaults:
+    """Option values that fill in what an A1111 request leaves unset."""
+
+    clip_skip: int = 1
+
+
+@dataclass(frozen=True)
+class Txt2ImgConversion:
+    request: GenerationRequest
+    send_images: bool
+    warnings: tuple[str, ...] = ()
+    keep_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # restore_afterwards=False
+
+
+def strip_title_hash(title: str) -> str:
+    """``"model.safetensors [6ce0161689]"`` (A1111 title) -> ``"model.safetensors"``."""
+    return _TITLE_HASH.sub("", title or "").strip()
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def apply_infotext(body: Txt2ImgRequest) -> Txt2ImgRequest:
+    """A1111 v1.10 ``infotext`` field: values from it fill every field the request did not set."""
+    if not body.infotext:
+        return body
+    from webui.io.metadata import infotext_to_request_fields, parse_infotext
+
+    fields = infotext_to_request_fields(parse_infotext(body.infotext))
+    explicit = body.model_fields_set
+    updates = {theirs: fields[ours] for ours, theirs in _INFOTEXT_FIELDS.items()
+               if ours in fields and theirs not in explicit}
+    overrides = dict(body.override_settings or {})
+    if "clip_skip" in fields and "CLIP_stop_at_last_layers" not in overrides:
+        overrides["CLIP_stop_at_last_layers"] = fields["clip_skip"]
+        updates["override_settings"] = overrides
+    return body.model_copy(update=updates)
+
+
+def resolve_sampler(sampler_name: str | None, scheduler: str | None) -> tuple[str, str]:
+    """A1111 ``get_sampler_and_scheduler``: ("DPM++ 2M Karras", None) -> ("DPM++ 2M", "Karras").
+
+    Unlike A1111 (which silently falls back to its first sampler) unknown names are an error.
+    """
+    raw = sampler_name or A1111_DEFAULT_SAMPLER
+    name, implied = samplers.split_legacy_name(raw)
+    if name is None:
+        raise RequestError(f"sampler_name {raw!r} is unknown; valid samplers: {', '.join(samplers.sampler_names())}")
+    schedule = samplers.canonical_schedule(scheduler)
+    if schedule is None:
+        raise RequestError(
+            f"scheduler {scheduler!r} is unknown; valid schedulers: {', '.join(samplers.schedule_names())}"
+        )
+    if implied:  # as in A1111, a schedule spelled into the sampler name wins
+        schedule = implied
+    samplers.resolve(name, schedule)  # the pair must be one the sampler supports
+    return name, schedule
+
+
+def _override(overrides: Mapping[str, Any], key: str) -> Any:
+    value = overrides.get(key)
+    if value is None:
+        return None
+    spec = SPECS_BY_KEY.get(key)
+    return spec.coerce(value) if spec else value  # OptionError (-> 422) names the key
+
+
+def _unsupported(body: Txt2ImgRequest) -> None:
+    if body.enable_hr:
+        raise NotAvailable("hires fix (enable_hr) is not available yet in this version; send enable_hr: false")
+    if body.refiner_checkpoint and body.refiner_checkpoint.strip() not in ("", "None"):
+        raise NotAvailable("the SDXL refiner (refiner_checkpoint) is not available yet in this version")
+    if body.script_name:
+        raise RequestError(f"script {body.script_name!r} not found: this version has no scripts")
+    for name in body.alwayson_scripts or {}:
+        raise RequestError(f"always on script {name!r} not found: this version has no always-on scripts")
+
+
+def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults()) -> Txt2ImgConversion:
+    """A1111 txt2img JSON -> a validated ``GenerationRequest``; RequestError/OptionError/NotAvailable."""
+    body = apply_infotext(body)
+    _unsupported(body)
+    warnings = []
+    for flag in ("restore_faces", "tiling"):
+        if getattr(body, flag):
+            warnings.append(f"{flag} is not available yet in this version and was ignored")
+    sampler, schedule = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    overrides = dict(body.override_settings or {})
+    checkpoint = _override(overrides, "sd_model_checkpoint")
+    vae = _override(overrides, "sd_vae")
+    clip_skip = _override(overrides, "CLIP_stop_at_last_layers")
+    ignored = sorted(key for key in overrides if key not in OVERRIDE_FIELDS)
+    if ignored:
+        warnings.append("override_settings not applied per job: " + ", ".join(ignored))
+    request = GenerationRequest(
+        prompt=_or(body.prompt, ""),
+        negative_prompt=_or(body.negative_prompt, ""),
+        steps=_or(body.steps, 50),
+        cfg_scale=_or(body.cfg_scale, 7.0),
+        sampler=sampler,
+        schedule=schedule,
+        width=_or(body.width, 512),
+        height=_or(body.height, 512),
+        seed=_or(body.seed, -1),
+        subseed=_or(body.subseed, -1),
+        subseed_strength=_or(body.subseed_strength, 0.0),
+        batch_size=_or(body.batch_size, 1),
+        n_iter=_or(body.n_iter, 1),
+        clip_skip=_or(clip_skip, defaults.clip_skip),
+        checkpoint=strip_title_hash(checkpoint) if checkpoint else None,
+        vae=vae or None,
+        save_images=bool(body.save_images),  # A1111: do_not_save_samples = not save_images
+        styles=tuple(str(s) for s in (body.styles or ())),
+    )
+    keep = {}
+    if body.override_settings_restore_afterwards is False:
+        keep = {key: overrides[key] for key in OVERRIDE_FIELDS if overrides.get(key) is not None}
+    return Txt2ImgConversion(request=request, send_images=_or(body.send_images, True),
+                             warnings=tuple(warnings), keep_options=keep)
+
+
+def a1111_parameters(body: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111 returns the request it received, every field included."""
+    return plain(body.model_dump())
+
+
+def job_timestamp(started_at: float | None) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(started_at)) if started_at else "0"
+
+
+def a1111_info(result: Any, request: GenerationRequest, *, job_id: str | None = None,
+               started_at: float | None = None, warnings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A1111 ``Processed.js()`` keys, filled from the request and overlaid with the runner's info."""
+    images = list(result.images) if result is not None else []
+    count = len(images)
+    info: dict[str, Any] = {
+        "prompt": request.prompt,
+        "all_prompts": [request.prompt] * count,
+        "negative_prompt": request.negative_prompt,
+        "all_negative_prompts": [request.negative_prompt] * count,
+        "seed": images[0].seed if images else request.seed,
+        "all_seeds": [img.seed for img in images],
+        "subseed": request.subseed,
+        "all_subseeds": [],
+        "subseed_strength": request.subseed_strength,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": request.sampler,
+        "scheduler": request.schedule,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "restore_faces": False,
+        "face_restoration_model": None,
+        "sd_model_name": request.checkpoint,
+        "sd_model_hash": None,
+        "sd_vae_name": request.vae,
+        "sd_vae_hash": None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {},
+        "index_of_first_image": 0,
+        "infotexts": [],
+        "styles": list(request.styles),
+        "job_timestamp": job_timestamp(started_at),
+        "clip_skip": request.clip_skip,
+        "is_using_inpainting_conditioning": False,
+        "version": None,
+    }
+    if result is not None:
+        info.update(plain(dict(result.info or {})))
+    info["all_seeds"] = [img.seed for img in images]  # what was returned, whatever the runner planned
+    info["infotexts"] = [img.infotext for img in images]
+    info["job_id"] = job_id
+    info["interrupted"] = bool(getattr(result, "interrupted", False))
+    if warnings:
+        info["warnings"] = list(warnings)
+    return info
+
+
+_IDLE_STATE = {
+    "skipped": False,
+    "interrupted": False,
+    "stopping_generation": False,
+    "job": "",
+    "job_count": 0,
+    "job_timestamp": "0",
+    "job_no": 0,
+    "sampling_step": 0,
+    "sampling_steps": 0,
+}
+
+
+def a1111_progress(job: Any, *, now: float | None = None) -> dict[str, Any]:
+    """``/sdapi/v1/progress`` for the running job (``current_image`` is added by the route)."""
+    if job is None or job.state is not JobState.RUNNING:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": dict(_IDLE_STATE), "current_image": None,
+                "textinfo": None, "current_task": None}
+    now = time.time() if now is None else now
+    p = job.progress
+    # A1111 reports at least 0.01 while something runs; clients read 0 as "idle".
+    fraction = min(1.0, max(0.01, p.fraction))
+    elapsed = max(0.0, now - (job.started_at or now))
+    if p.eta_seconds is not None and math.isfinite(p.eta_seconds):
+        eta = max(0.0, float(p.eta_seconds))
+    else:
+        eta = max(0.0, elapsed / fraction - elapsed)
+    state = {
+        **_IDLE_STATE,
+        "job": job.kind,
+        "job_count": max(1, p.batch_count),
+        "job_timestamp": job_timestamp(job.started_at),
+        "job_no": p.batch_index,
+        "sampling_step": p.step,
+        "sampling_steps": p.total_steps,
+    }
+    return {"progress": fraction, "eta_relative": eta, "state": state, "current_image": None,
+            "textinfo": p.text or None, "current_task": job.id}
+
+
+def job_links(job_id: str, prefix: str = "/webui/v1") -> dict[str, str]:
+    return {
+        "self": f"{prefix}/jobs/{job_id}",
+        "events": f"{prefix}/jobs/{job_id}/events",
+        "cancel": f"{prefix}/jobs/{job_id}",
+    }
+
+
+def job_info(job: Any, position: int | None, *, prefix: str = "/webui/v1") -> dict[str, Any]:
+    """``JobInfo`` fields for a job (without the result)."""
+    info = plain(job.summary())
+    info["position"] = position
+    info["links"] = job_links(job.id, prefix)
+    if info.get("eta_seconds") is not None and not math.isfinite(info["eta_seconds"]):
+        info["eta_seconds"] = None
+    return info
+
+
+def plain(value: Any) -> Any:
+    """JSON-safe copy: enums -> values, paths -> str, tuples -> lists, dataclasses -> dicts."""
+    if isinstance(value, enum.Enum):
+        return plain(value.value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return plain(dataclasses.asdict(value))
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)

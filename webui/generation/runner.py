@@ -1,0 +1,233 @@
+"""Run one txt2img job: GenerationRequest + LoadedModel -> GenerationResult.
+
+Reads as a recipe (see ``run_txt2img``): resolve seeds, encode prompts (our own encoder: A1111 weighting,
+long prompts, clip skip), build a fresh scheduler, then per batch make the initial noise from per-image
+CPU generators (same seed -> same image, whatever the batch position or device), sample with a step
+callback (progress, live preview, Interrupt/Skip, prompt schedule), decode with the VAE, write infotext
+and save.  Runs on the worker thread only.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from webui.generation.previews import latent_preview
+from webui.generation.samplers import make_scheduler, resolve as resolve_sampler
+from webui.io.images import save_image
+from webui.io.metadata import build_infotext, infotext_params
+from webui.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
+
+VERSION = "webui 0.1.0"
+LATENT_FACTOR = 8
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What the job needs from options/settings, resolved when it starts."""
+
+    outdir: Path
+    filename_pattern: str = "[number]-[seed]"
+    save: bool = True
+    previews: bool = True
+    preview_every: int = 1
+
+
+class StepReporter:
+    """The per-step callback: progress, previews, Interrupt/Skip, prompt-schedule switches."""
+
+    def __init__(self, *, control: Any, model: Any, request: GenerationRequest, batch_index: int,
+                 started: float, schedule_switches: dict[int, dict[str, torch.Tensor]], preview_every: int):
+        self.control = control
+        self.model = model
+        self.request = request
+        self.batch_index = batch_index
+        self.started = started
+        self.switches = schedule_switches
+        self.preview_every = preview_every
+        self.skipped = False
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        request, done_step = self.request, step + 1
+        done = self.batch_index * request.steps + done_step
+        total = request.steps * request.n_iter
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (total - done) if done else None
+        changes: dict[str, Any] = {
+            "step": done_step, "total_steps": request.steps, "batch_index": self.batch_index,
+            "batch_count": request.n_iter, "eta_seconds": eta,
+            "text": f"step {done_step}/{request.steps}, batch {self.batch_index + 1}/{request.n_iter}",
+        }
+        if self.preview_every and (done_step % self.preview_every == 0) and done_step < request.steps:
+            changes["preview"] = latent_preview(tensors["latents"], self.model.arch)
+            changes["preview_step"] = done
+        self.control.update(**changes)
+        if self.control.interrupted:
+            pipe._interrupt = True
+        elif self.control.consume_skip():
+            self.skipped = True
+            pipe._interrupt = True
+        return self.switches.get(done_step, {})
+
+
+def resolve_seed(seed: int) -> int:
+    return random.randint(0, 2**32 - 1) if seed == -1 else seed
+
+
+def _slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a_n, b_n = a / a.norm(), b / b.norm()
+    omega = torch.acos((a_n * b_n).sum().clamp(-1, 1))
+    if omega.abs() < 1e-6:
+        return (1 - t) * a + t * b
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+def initial_noise(seeds: list[int], subseeds: list[int], strength: float, shape: tuple[int, ...]) -> torch.Tensor:
+    """Unit Gaussian noise per image from CPU generators (A1111's 'CPU' RNG: identical on every device)."""
+    noises = []
+    for seed, subseed in zip(seeds, subseeds):
+        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+        if strength > 0:
+            other = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(subseed), dtype=torch.float32)
+            noise = _slerp(strength, noise, other)
+        noises.append(noise)
+    return torch.stack(noises)
+
+
+def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
+    """VAE decode (upcast to fp32 when an fp16 VAE overflows to NaN) -> PIL images."""
+    vae = pipe.vae
+    scaled = latents / vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None)
+    if shift:
+        scaled = scaled + shift
+    with torch.no_grad():
+        image = vae.decode(scaled.to(device=vae.device, dtype=vae.dtype), return_dict=False)[0]
+        if vae.dtype != torch.float32 and torch.isnan(image).any():
+            vae_fp32 = vae.to(torch.float32)
+            image = vae_fp32.decode(scaled.to(device=vae.device, dtype=torch.float32), return_dict=False)[0]
+            vae.to(latents.dtype if latents.dtype != torch.float32 else torch.float16)
+    return pipe.image_processor.postprocess(image.float(), output_type="pil")
+
+
+def _batched_cfg(kwargs: dict[str, torch.Tensor], batch: int, cfg: bool) -> dict[str, torch.Tensor]:
+    """Tensors as the pipeline holds them inside its loop (negative first when CFG is on)."""
+    out = {"prompt_embeds": kwargs["prompt_embeds"].repeat(batch, 1, 1)}
+    neg = kwargs["negative_prompt_embeds"].repeat(batch, 1, 1)
+    if cfg:
+        out["prompt_embeds"] = torch.cat([neg, out["prompt_embeds"]])
+    if "pooled_prompt_embeds" in kwargs:
+        pooled = kwargs["pooled_prompt_embeds"].repeat(batch, 1)
+        neg_pooled = kwargs["negative_pooled_prompt_embeds"].repeat(batch, 1)
+        out["add_text_embeds"] = torch.cat([neg_pooled, pooled]) if cfg else pooled
+    return out
+
+
+def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: RunOptions) -> GenerationResult:
+    pipe, started = model.pipe, time.perf_counter()
+    # 1. Seeds: A1111 numbering (seed + index over all images of the job).
+    base_seed = resolve_seed(request.seed)
+    base_subseed = resolve_seed(request.subseed)
+    count = request.image_count
+    seeds = [(base_seed + i) % 2**32 for i in range(count)]
+    subseeds = [(base_subseed + i) % 2**32 for i in range(count)]
+    # 2. Prompt conditioning (scheduled: list of (end_step, pipeline kwargs)).
+    schedule = model.encoder.encode_schedule(request.prompt, request.negative_prompt, request.steps, request.clip_skip)
+    first = schedule[0][1]
+    cfg_on = request.cfg_scale > 1.0
+    # 3. Scheduler, fresh for this job.
+    choice = resolve_sampler(request.sampler, request.schedule)
+    pipe.scheduler = make_scheduler(
+        model.components.scheduler_config, request.sampler, request.schedule,
+        prediction_type=model.prediction.value if model.prediction else None,
+        rescale_betas_zero_snr=bool(model.components.zero_terminal_snr),
+        seed=base_seed,
+    )
+    # 4. Sample each batch.
+    latent_shape = (pipe.vae.config.latent_channels, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
+    images: list[GeneratedImage] = []
+    interrupted = False
+    preview_every = options.preview_every if request.preview_every is None else request.preview_every
+    preview_every = preview_every if options.previews else 0
+    device = pipe.unet.device
+    for batch_index in range(request.n_iter):
+        if control.interrupted:
+            interrupted = True
+            break
+        lo = batch_index * request.batch_size
+        batch_seeds = seeds[lo:lo + request.batch_size]
+        noise = initial_noise(batch_seeds, subseeds[lo:lo + request.batch_size], request.subseed_strength, latent_shape)
+        generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
+        # A1111 rule (parser.entry_at): entry (end, cond) is in force for 0-based steps <= end, so the next
+        # entry takes over once step ``end`` is done, i.e. in the callback reporting done_step == end + 1.
+        switches = {end + 1: _batched_cfg(schedule[i + 1][1], request.batch_size, cfg_on)
+                    for i, (end, _) in enumerate(schedule[:-1])}
+        reporter = StepReporter(control=control, model=model, request=request, batch_index=batch_index,
+                                started=started, schedule_switches=switches, preview_every=preview_every)
+        control.update(step=0, total_steps=request.steps, batch_index=batch_index, batch_count=request.n_iter,
+                       text=f"batch {batch_index + 1}/{request.n_iter}")
+        tensor_inputs = ["latents", *sorted({k for sw in switches.values() for k in sw})]
+        latents = pipe(
+            **first,
+            num_inference_steps=request.steps,
+            guidance_scale=request.cfg_scale,
+            width=request.width,
+            height=request.height,
+            num_images_per_prompt=request.batch_size,
+            generator=generators,
+            latents=noise.to(device=device, dtype=pipe.unet.dtype),
+            output_type="latent",
+            callback_on_step_end=reporter,
+            callback_on_step_end_tensor_inputs=tensor_inputs,
+        ).images
+        if control.interrupted:
+            interrupted = True
+            break
+        if reporter.skipped:
+            continue
+        # 5. Decode, infotext, save.
+        for offset, image in enumerate(decode(pipe, latents)):
+            seed = batch_seeds[offset]
+            params = infotext_params(
+                request, seed=seed, subseed=subseeds[lo + offset], sampler=choice.sampler,
+                schedule=choice.schedule, model_name=Path(model.record.name).name, model_hash=model.model_hash,
+                vae_name=model.vae_record.name if model.vae_record else None, version=VERSION,
+            )
+            infotext = build_infotext(request.prompt, request.negative_prompt, params)
+            path = None
+            if options.save and request.save_images:
+                path = str(save_image(image, outdir=options.outdir, mode="txt2img", infotext=infotext,
+                                      seed=seed, prompt=request.prompt, pattern=options.filename_pattern))
+            images.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
+    # 6. Result in A1111's shape (parameters = request, info = seeds/infotexts).
+    info = {
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": base_seed,
+        "all_seeds": [img.seed for img in images],
+        "subseed": base_subseed,
+        "all_subseeds": subseeds[: len(images)],
+        "subseed_strength": request.subseed_strength,
+        "width": request.width,
+        "height": request.height,
+        "sampler_name": request.sampler,
+        "scheduler": request.schedule,
+        "cfg_scale": request.cfg_scale,
+        "steps": request.steps,
+        "batch_size": request.batch_size,
+        "n_iter": request.n_iter,
+        "clip_skip": request.clip_skip,
+        "sd_model_name": model.record.name,
+        "sd_model_hash": model.model_hash,
+        "sd_vae_name": model.vae_name,
+        "infotexts": [img.infotext for img in images],
+        "seconds": round(time.perf_counter() - started, 3),
+        "version": VERSION,
+    }
+    parameters = {k: v for k, v in asdict(request).items() if k not in ("extra",)}
+    return GenerationResult(images=tuple(images), parameters=parameters, info=info, interrupted=interrupted)

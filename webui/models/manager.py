@@ -1,0 +1,195 @@
+"""ModelManager: make a (checkpoint, VAE) pair the loaded model, from the RAM cache when possible.
+
+Runs on the worker thread only.  Components are cached by file identity (path, size, mtime) in the
+byte-budgeted ``ComponentCache``; switching back to a recently used checkpoint is a cache hit and costs a
+pipeline rebuild (no tensor copies).  On CUDA the cache holds CPU copies; the active model is moved to the
+device and the previous one moved back, so the cache budget is RAM and only one model sits in VRAM.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from webui.models import loaders
+from webui.models.cache import ComponentCache, module_bytes
+from webui.models.catalog import Catalog, ModelRecord
+from webui.runtime.device import DevicePlan, plan_device
+from webui.settings import Settings
+from webui.types import Arch, ModelKind, Prediction
+
+log = logging.getLogger(__name__)
+
+AUTOMATIC_VAE = "Automatic"
+NO_VAE = ("", "None", AUTOMATIC_VAE, None)
+
+
+class ModelUnavailable(ValueError):
+    """The chosen model cannot be used; the message names the file, the problem and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    record: ModelRecord
+    components: Any  # loaders.CheckpointComponents
+    pipe: Any  # diffusers pipeline
+    encoder: Any  # webui.prompt.encode.PromptEncoder
+    vae_record: ModelRecord | None
+    model_hash: str | None
+    load_seconds: float
+    cache_hit: bool
+
+    @property
+    def arch(self) -> Arch:
+        return self.components.arch
+
+    @property
+    def prediction(self) -> Prediction:
+        return self.components.prediction
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def vae_name(self) -> str:
+        return self.vae_record.name if self.vae_record else AUTOMATIC_VAE
+
+
+def _file_key(kind: str, record: ModelRecord) -> tuple:
+    return (kind, str(record.path), record.size, record.mtime)
+
+
+def _components_bytes(components: Any) -> int:
+    total = 0
+    for field in dataclasses.fields(components):
+        value = getattr(components, field.name)
+        if isinstance(value, torch.nn.Module):
+            total += module_bytes(value)
+    return total
+
+
+class ModelManager:
+    def __init__(self, *, catalog: Catalog, cache: ComponentCache, settings: Settings, plan: DevicePlan | None = None):
+        self._catalog = catalog
+        self._cache = cache
+        self._settings = settings
+        self.plan = plan or plan_device(settings.device, settings.precision)
+        self.current: LoadedModel | None = None
+        self._current_key: tuple | None = None
+
+    # ---- lookups --------------------------------------------------------------------------
+    def _checkpoint_record(self, name: str) -> ModelRecord:
+        try:
+            record = self._catalog.get(ModelKind.CHECKPOINT.value, name)
+        except LookupError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        if record.error:
+            raise ModelUnavailable(f"{record.path}: {record.error}")
+        if record.format == "pickle" and not self._settings.allow_pickle:
+            raise ModelUnavailable(
+                f"{record.path}: .ckpt/.pt files can run code when loaded. Convert it to .safetensors, "
+                "or restart with --allow-pickle to load it with torch.load(weights_only=True)."
+            )
+        return record
+
+    def _vae_record(self, name: str | None) -> ModelRecord | None:
+        if name in NO_VAE:
+            return None
+        try:
+            record = self._catalog.get(ModelKind.VAE.value, name)
+        except LookupError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        if record.error:
+            raise ModelUnavailable(f"{record.path}: {record.error}")
+        return record
+
+    # ---- loading --------------------------------------------------------------------------
+    def _checkpoint_components(self, record: ModelRecord) -> tuple[Any, bool]:
+        key = _file_key("checkpoint", record)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached, True
+        try:
+            components = loaders.load_checkpoint(
+                record.path,
+                arch=record.arch,
+                variant=record.variant,
+                prediction=record.prediction,
+                dtype=self.plan.dtype,
+                allow_pickle=self._settings.allow_pickle,
+            )
+        except loaders.ModelLoadError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        self._cache.put(key, components, _components_bytes(components))
+        return components, False
+
+    def _vae_module(self, record: ModelRecord, arch: Arch) -> Any:
+        key = _file_key("vae", record)
+        cached = self._cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            vae = loaders.load_vae(record.path, arch=arch, dtype=self.plan.dtype, allow_pickle=self._settings.allow_pickle)
+        except loaders.ModelLoadError as exc:
+            raise ModelUnavailable(str(exc)) from None
+        self._cache.put(key, vae, module_bytes(vae))
+        return vae
+
+    def ensure(self, checkpoint: str, vae: str | None = None) -> LoadedModel:
+        """Return the loaded model for this (checkpoint, VAE), loading/swapping only what differs."""
+        record = self._checkpoint_record(checkpoint)
+        vae_record = self._vae_record(vae)
+        key = (_file_key("checkpoint", record), _file_key("vae", vae_record) if vae_record else None)
+        if self.current is not None and self._current_key == key:
+            return self.current
+        started = time.perf_counter()
+        components, hit = self._checkpoint_components(record)
+        vae_module = self._vae_module(vae_record, components.arch) if vae_record is not None else None
+        self._move_current_off_device()
+        pipe = loaders.build_pipeline(components, vae=vae_module)
+        if self.plan.device.type != "cpu":
+            pipe.to(self.plan.device)
+        pipe.set_progress_bar_config(disable=True)
+        from webui.prompt.encode import PromptEncoder
+
+        encoder = PromptEncoder.from_pipeline(pipe, components.arch)
+        model_hash = self._catalog.sha256(record)[:10] if record.format != "diffusers" else None
+        self.current = LoadedModel(
+            record=record,
+            components=components,
+            pipe=pipe,
+            encoder=encoder,
+            vae_record=vae_record,
+            model_hash=model_hash,
+            load_seconds=time.perf_counter() - started,
+            cache_hit=hit,
+        )
+        self._current_key = key
+        log.info("model ready: %s (vae %s) in %.2fs%s", record.name, self.current.vae_name,
+                 self.current.load_seconds, " [RAM cache]" if hit else "")
+        return self.current
+
+    def _move_current_off_device(self) -> None:
+        if self.current is None:
+            return
+        if self.plan.device.type != "cpu":
+            self.current.pipe.to("cpu")
+            torch.cuda.empty_cache() if self.plan.is_cuda else None
+        self.current = None
+        self._current_key = None
+
+    def unload(self) -> None:
+        self._move_current_off_device()
+
+    def memory(self) -> dict[str, Any]:
+        stats = self._cache.stats()
+        info: dict[str, Any] = {"cache": stats, "device": self.plan.describe()}
+        if self.plan.is_cuda:
+            free, total = torch.cuda.mem_get_info(self.plan.device)
+            info["cuda"] = {"free": free, "total": total, "allocated": torch.cuda.memory_allocated(self.plan.device)}
+        return info

@@ -1,0 +1,164 @@
+"""Runtime options: one typed store behind the Settings tab and ``/sdapi/v1/options``.
+
+Keys use A1111's option names so existing API clients work unchanged.  The store is saved atomically to
+``config.json`` in the data dir; keys we do not know (from A1111 configs or newer versions) are kept as
+they are and written back untouched.  Invalid values are rejected with a message and nothing is saved.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+
+class OptionError(ValueError):
+    """An option value is invalid; the message names the key and the allowed values."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    key: str
+    default: Any
+    kind: type
+    label: str
+    section: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: Callable[[], Iterable[str]] | None = None  # dynamic choices are validated by the caller
+
+    def coerce(self, value: Any) -> Any:
+        try:
+            if self.kind is bool:
+                if isinstance(value, str):
+                    lowered = value.strip().lower()
+                    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    value = lowered in ("true", "1", "yes")
+                elif not isinstance(value, (bool, int)):
+                    raise ValueError
+                value = bool(value)
+            elif self.kind is int:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif self.kind is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            elif self.kind is str:
+                if value is None:
+                    value = ""
+                if not isinstance(value, str):
+                    raise ValueError
+        except (TypeError, ValueError):
+            raise OptionError(f"option {self.key!r} must be a {self.kind.__name__}, got {value!r}") from None
+        if self.minimum is not None and value < self.minimum:
+            raise OptionError(f"option {self.key!r} must be >= {self.minimum}, got {value}")
+        if self.maximum is not None and value > self.maximum:
+            raise OptionError(f"option {self.key!r} must be <= {self.maximum}, got {value}")
+        return value
+
+
+OPTION_SPECS: tuple[OptionSpec, ...] = (
+    OptionSpec("sd_model_checkpoint", "", str, "Checkpoint", "Models"),
+    OptionSpec("sd_vae", "Automatic", str, "VAE", "Models"),
+    OptionSpec("CLIP_stop_at_last_layers", 1, int, "Clip skip", "Models", 1, 12),
+    OptionSpec("sd_checkpoint_cache_mb", 8192, int, "RAM cache budget for models (MB)", "Models", 0, 1 << 20),
+    OptionSpec("outdir_samples", "", str, "Output folder (empty: <outdir>)", "Saving"),
+    OptionSpec("samples_save", True, bool, "Save every generated image", "Saving"),
+    OptionSpec("samples_filename_pattern", "[number]-[seed]", str, "File name pattern", "Saving"),
+    OptionSpec("live_previews_enable", True, bool, "Show live previews", "Live previews"),
+    OptionSpec("show_progress_every_n_steps", 1, int, "Preview every N steps", "Live previews", 1, 100),
+    OptionSpec("default_sampler", "Euler a", str, "Default sampler", "Sampling"),
+    OptionSpec("default_schedule", "Automatic", str, "Default schedule type", "Sampling"),
+    OptionSpec("lora_stack_size", 3, int, "LoRA slots in the UI", "LoRA", 1, 16),
+)
+
+SPECS_BY_KEY: Mapping[str, OptionSpec] = {spec.key: spec for spec in OPTION_SPECS}
+
+
+class OptionsStore:
+    """Thread-safe, validated, atomically persisted options."""
+
+    def __init__(self, path: Path | None):
+        self._path = path
+        self._lock = threading.Lock()
+        self._values: dict[str, Any] = {spec.key: spec.default for spec in OPTION_SPECS}
+        self._unknown: dict[str, Any] = {}
+        self.load_warnings: list[str] = []
+        if path is not None and path.exists():
+            self._load(path)
+
+    def _load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("top level is not an object")
+        except (OSError, ValueError) as exc:
+            self.load_warnings.append(f"{path}: could not read settings ({exc}); using defaults, file left as is")
+            return
+        for key, value in data.items():
+            spec = SPECS_BY_KEY.get(key)
+            if spec is None:
+                self._unknown[key] = value
+                continue
+            try:
+                self._values[key] = spec.coerce(value)
+            except OptionError as exc:
+                self.load_warnings.append(f"{path}: {exc}; using the default {spec.default!r}")
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            if key in self._values:
+                return self._values[key]
+            if key in self._unknown:
+                return self._unknown[key]
+        raise KeyError(key)
+
+    def as_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self._unknown, **self._values}
+
+    def validate(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Coerce known keys; unknown keys pass through unchanged (A1111 clients send many)."""
+        clean = {}
+        for key, value in changes.items():
+            spec = SPECS_BY_KEY.get(key)
+            clean[key] = spec.coerce(value) if spec else value
+        return clean
+
+    def update(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Validate everything first, then apply and save; returns the coerced changes."""
+        clean = self.validate(changes)
+        with self._lock:
+            for key, value in clean.items():
+                if key in SPECS_BY_KEY:
+                    self._values[key] = value
+                else:
+                    self._unknown[key] = value
+            snapshot = {**self._unknown, **self._values}
+            if self._path is not None:
+                atomic_write_text(self._path, json.dumps(snapshot, indent=2, sort_keys=True))
+        return clean
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see either the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,53 @@
+"""The Gradio UI: ``build_ui(ctx) -> gr.Blocks``.
+
+Each tab is a module with ``render(ctx) -> dict[name, Component]`` (layout) and optionally
+``wire(ctx, registry, blocks)`` (events); this function only composes them (FaceFusion's render/listen,
+LLaMA-Factory's component dict).  Theme and CSS travel to ``launch()`` via ``blocks.webui_launch_kwargs``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import gradio as gr
+
+from webui.ui import models_bar, placeholders, png_info, settings_tab, txt2img
+from webui.ui.common import CSS, Registry, theme
+
+
+@dataclass(frozen=True)
+class TabSpec:
+    key: str  # tab id (gr.Tabs(selected=key)) and registry section
+    label: str
+    render: Callable[[Any], dict[str, Any]]
+    wire: Callable[[Any, Registry, gr.Blocks], None] | None = None
+
+
+def tabs() -> tuple[TabSpec, ...]:
+    """The tab registry, in display order."""
+    coming = [TabSpec(key, label, placeholders.render_for(key)) for key, (label, _) in placeholders.COMING.items()]
+    return (
+        TabSpec(txt2img.SECTION, "txt2img", txt2img.render, txt2img.wire),
+        *coming,
+        TabSpec(png_info.SECTION, "PNG info", png_info.render, png_info.wire),
+        TabSpec(settings_tab.SECTION, "Settings", settings_tab.render, settings_tab.wire),
+    )
+
+
+def build_ui(ctx: Any) -> gr.Blocks:
+    registry = Registry()
+    specs = tabs()
+    with gr.Blocks(title="WebUI", analytics_enabled=False, fill_width=True) as blocks:
+        registry.add(models_bar.SECTION, models_bar.render(ctx))
+        with gr.Tabs(elem_id="tabs") as tab_group:
+            for spec in specs:
+                with gr.Tab(spec.label, id=spec.key, elem_id=f"tab_{spec.key}"):
+                    registry.add(spec.key, spec.render(ctx))
+        registry["tabs"] = tab_group
+        models_bar.wire(ctx, registry, blocks)
+        for spec in specs:
+            if spec.wire is not None:
+                spec.wire(ctx, registry, blocks)
+    blocks.webui_launch_kwargs = {"theme": theme(), "css": CSS}
+    blocks.webui_components = registry  # for plugins/tests: {"tab.name": Component}
+    return blocks

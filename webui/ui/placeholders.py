@@ -1,0 +1,29 @@
+"""Tabs that arrive in later versions: each says so, and what to use meanwhile."""
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+# key -> (tab label, what it will do)
+COMING: dict[str, tuple[str, str]] = {
+    "img2img": ("img2img / edit", "Image to image, sketch and instruct-pix2pix editing"),
+    "inpaint": ("Inpaint", "Inpainting with a painted mask, including 9-channel inpaint checkpoints"),
+    "upscale": ("Upscale", "Upscaling with ESRGAN / Real-ESRGAN / SwinIR models from models/ESRGAN"),
+    "lora": ("LoRA", "A LoRA browser with previews, trigger words and per-block weights"),
+}
+
+
+def render_for(key: str) -> Any:
+    """A ``render(ctx)`` for the placeholder tab ``key``."""
+
+    def render(ctx: Any) -> dict[str, Any]:
+        label, what = COMING[key]
+        note = gr.Markdown(
+            f"### {label}\n{what}: **coming in a later version.**\n\n"
+            "Meanwhile, txt2img is complete, and PNG info reads the parameters of any A1111-style image.",
+            elem_id=f"{key}_coming_soon",
+        )
+        return {"note": note}
+
+    return render

@@ -1,0 +1,131 @@
+"""Pure conversion between UI component values and requests (no Gradio import, unit-tested).
+
+Each tab keeps its widgets in a ``{name: Component}`` dict and passes it to Gradio as ``inputs_kwargs``,
+so a handler receives ``{name: value}`` (and gradio_client callers use the same names);
+``txt2img_request`` turns those values into a frozen ``GenerationRequest``.  Adding a widget therefore
+never shifts any other argument.
+
+Component names in the txt2img tab are the ``GenerationRequest`` field names (``n_iter`` is the
+"Batch count" slider), so infotext fields can be sent back to the tab without a translation table.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from webui.types import GenerationRequest, RequestError
+
+# txt2img widgets, in request-field names, with the label shown next to each one.
+TXT2IMG_FIELDS: Mapping[str, str] = {
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "steps": "Sampling steps",
+    "sampler": "Sampling method",
+    "schedule": "Schedule type",
+    "width": "Width",
+    "height": "Height",
+    "cfg_scale": "CFG scale",
+    "seed": "Seed",
+    "n_iter": "Batch count",
+    "batch_size": "Batch size",
+    "clip_skip": "Clip skip",
+}
+
+_INT_FIELDS = ("steps", "width", "height", "seed", "n_iter", "batch_size", "clip_skip")
+_FLOAT_FIELDS = ("cfg_scale",)
+_TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "schedule")
+
+_DEFAULTS = GenerationRequest()
+
+
+def _label(name: str) -> str:
+    return TXT2IMG_FIELDS.get(name, name)
+
+
+def as_int(name: str, value: Any, default: int) -> int:
+    """A whole number from a slider/number/text value; ``None``/empty means ``default``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    if isinstance(value, bool):
+        raise RequestError(f"{_label(name)} must be a whole number, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise RequestError(f"{_label(name)} must be a whole number, got {value:g}")
+        return int(value)
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise RequestError(f"{_label(name)} must be a whole number, got {text!r}") from None
+    return as_int(name, number, default)
+
+
+def as_float(name: str, value: Any, default: float) -> float:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{_label(name)} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise RequestError(f"{_label(name)} must be a finite number, got {value!r}")
+    return number
+
+
+def txt2img_request(
+    values: Mapping[str, Any],
+    *,
+    options: Mapping[str, Any] | None = None,
+    checkpoint: str | None = None,
+    vae: str | None = None,
+) -> GenerationRequest:
+    """``{name: value}`` from the txt2img tab -> ``GenerationRequest``; raises ``RequestError``.
+
+    Missing names take the request defaults; a blank sampler/schedule takes the option default.
+    ``checkpoint``/``vae`` of ``None`` mean "the current selection", resolved by ``AppContext.submit``;
+    saving and preview frequency are left to the options, which the worker's handler applies.
+    """
+    options = options or {}
+    fields: dict[str, Any] = {}
+    for name in _TEXT_FIELDS:
+        if name in values and values[name] is not None:
+            fields[name] = str(values[name])
+    for name in _INT_FIELDS:
+        if name in values:
+            fields[name] = as_int(name, values[name], getattr(_DEFAULTS, name))
+    for name in _FLOAT_FIELDS:
+        if name in values:
+            fields[name] = as_float(name, values[name], getattr(_DEFAULTS, name))
+    if "sampler" in fields and not fields["sampler"].strip():
+        fields["sampler"] = str(options.get("default_sampler") or _DEFAULTS.sampler)
+    if "schedule" in fields and not fields["schedule"].strip():
+        fields["schedule"] = str(options.get("default_schedule") or _DEFAULTS.schedule)
+    return GenerationRequest(
+        **fields,
+        checkpoint=checkpoint or None,
+        vae=vae or None,
+    )
+
+
+def txt2img_field_values(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Request fields (e.g. from a parsed infotext) -> values for the txt2img widgets they name.
+
+    Unknown names are dropped; numbers are made whole where the widget is whole.  Values that cannot be
+    converted are dropped too, so a hand-edited infotext fills what it can instead of failing.
+    """
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name not in TXT2IMG_FIELDS or value is None:
+            continue
+        try:
+            if name in _INT_FIELDS:
+                out[name] = as_int(name, value, getattr(_DEFAULTS, name))
+            elif name in _FLOAT_FIELDS:
+                out[name] = as_float(name, value, getattr(_DEFAULTS, name))
+            else:
+                out[name] = str(value)
+        except RequestError:
+            continue
+    return out

@@ -1,0 +1,230 @@
+"""txt2img tab: layout (``render``) and wiring (``wire``).
+
+Generate is a generator handler: it gets ``{field name: value}`` (``inputs_kwargs``, so API clients see
+the same names), builds a ``GenerationRequest`` with ``requests.txt2img_request``, submits it to
+the worker under this browser session's id, then follows the job with ``progress.watch`` and yields the
+progress bar, live preview and finally the gallery.  It runs with ``concurrency_limit=None``: the worker
+queue serialises jobs, so a queued job shows its position and other tabs never wait on this one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from webui.generation.samplers import sampler_names, schedule_names
+from webui.types import JobState, RequestError
+from webui.ui.common import Registry, session_id, status_html
+from webui.ui.progress import progress_html, watch
+from webui.ui.requests import TXT2IMG_FIELDS, txt2img_request
+
+SECTION = "txt2img"
+
+
+def render(ctx: Any) -> dict[str, Any]:
+    options = ctx.options.as_dict()
+    samplers = list(sampler_names())
+    schedules = list(schedule_names())
+    default_sampler = options.get("default_sampler") or "Euler a"
+    default_schedule = options.get("default_schedule") or "Automatic"
+    c: dict[str, Any] = {}
+    with gr.Row(elem_id="txt2img_toprow", elem_classes="webui-toprow", equal_height=False):
+        with gr.Column(scale=5, min_width=300):
+            c["prompt"] = gr.Textbox("", label="Prompt", lines=3, max_lines=20, elem_id="txt2img_prompt",
+                                     placeholder="Prompt (A1111 syntax: (word:1.2), [from:to:0.5], <lora:name:0.8>)")
+            c["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=2, max_lines=20,
+                                              elem_id="txt2img_neg_prompt", placeholder="Negative prompt")
+        with gr.Column(scale=1, min_width=220, elem_id="txt2img_actions"):
+            c["generate"] = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
+            with gr.Row():
+                c["interrupt"] = gr.Button("Interrupt", variant="stop", size="sm", elem_id="txt2img_interrupt")
+                c["skip"] = gr.Button("Skip", size="sm", elem_id="txt2img_skip")
+            c["action_status"] = gr.HTML("", label="Status", elem_id="txt2img_action_status")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=320, elem_id="txt2img_settings"):
+            with gr.Row():
+                c["sampler"] = gr.Dropdown(samplers, value=_pick(default_sampler, samplers), label="Sampling method",
+                                           elem_id="txt2img_sampling", min_width=160)
+                c["schedule"] = gr.Dropdown(schedules, value=_pick(default_schedule, schedules),
+                                            label="Schedule type", elem_id="txt2img_scheduler", min_width=160)
+            c["steps"] = gr.Slider(1, 150, value=20, step=1, precision=0, label="Sampling steps",
+                                   elem_id="txt2img_steps")
+            with gr.Row():
+                c["width"] = gr.Slider(64, 2048, value=512, step=8, precision=0, label="Width",
+                                       elem_id="txt2img_width", min_width=160)
+                c["height"] = gr.Slider(64, 2048, value=512, step=8, precision=0, label="Height",
+                                        elem_id="txt2img_height", min_width=160)
+            with gr.Row():
+                c["n_iter"] = gr.Slider(1, 100, value=1, step=1, precision=0, label="Batch count",
+                                        elem_id="txt2img_batch_count", min_width=160)
+                c["batch_size"] = gr.Slider(1, 16, value=1, step=1, precision=0, label="Batch size",
+                                            elem_id="txt2img_batch_size", min_width=160)
+            c["cfg_scale"] = gr.Slider(0, 30, value=7.0, step=0.5, label="CFG scale", elem_id="txt2img_cfg_scale")
+            with gr.Row(elem_id="txt2img_seed_row"):
+                c["seed"] = gr.Number(-1, precision=0, label="Seed (-1 = random)", elem_id="txt2img_seed",
+                                      minimum=-1, maximum=2**32 - 1, scale=4, min_width=160)
+                c["random_seed"] = gr.Button("\u2684", elem_id="txt2img_random_seed", scale=0,
+                                             elem_classes="webui-tool", min_width=44)
+                c["reuse_seed"] = gr.Button("\u267b\ufe0f", elem_id="txt2img_reuse_seed", scale=0,
+                                            elem_classes="webui-tool", min_width=44)
+            c["clip_skip"] = gr.Slider(1, 12, value=int(options.get("CLIP_stop_at_last_layers") or 1), step=1,
+                                       precision=0, label="Clip skip", elem_id="txt2img_clip_skip")
+        with gr.Column(scale=1, min_width=320, elem_id="txt2img_results"):
+            c["progress"] = gr.HTML(progress_html("Idle", active=False), label="Progress", elem_id="txt2img_progress")
+            c["preview"] = gr.Image(label="Live preview", interactive=False, format="jpeg", visible=False,
+                                    elem_id="txt2img_preview", height=384)
+            c["gallery"] = gr.Gallery(label="Output", format="png", columns=2, height=448, object_fit="contain",
+                                      preview=True, interactive=False, elem_id="txt2img_gallery",
+                                      buttons=["download", "fullscreen"])
+            c["seed_used"] = gr.HTML("", label="Seed", elem_id="txt2img_seed_used")
+            c["infotext"] = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
+                                       buttons=["copy"], elem_id="txt2img_infotext")
+    c["job_id"] = gr.State(None)
+    c["infotexts"] = gr.State([])
+    c["seeds"] = gr.State([])
+    c["selected"] = gr.State(0)
+    return c
+
+
+def _pick(value: str, choices: list[str]) -> str | None:
+    if value in choices:
+        return value
+    return choices[0] if choices else None
+
+
+def _gallery_item(ctx: Any, image: Any) -> Any:
+    """The saved file when Gradio may serve it (keeps its PNG metadata), else the PIL image + infotext."""
+    if image.path:
+        path = Path(image.path)
+        try:
+            path.resolve().relative_to(Path(ctx.settings.outdir).resolve())
+            if path.is_file():
+                return str(path)
+        except ValueError:
+            pass
+    pil = image.image.copy()
+    pil.info["parameters"] = image.infotext
+    return pil
+
+
+def _seed_html(seeds: list[int]) -> str:
+    if not seeds:
+        return ""
+    text = f"Seed: {seeds[0]}" if len(set(seeds)) == 1 else f"Seeds: {seeds[0]} … {seeds[-1]}"
+    return f'<div class="webui-status webui-status-info" id="txt2img_seed_value">{text}</div>'
+
+
+def _finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str) -> dict[str, Any]:
+    result = job.result
+    images = list(result.images) if result is not None else []
+    seeds = [img.seed for img in images]
+    infotexts = [img.infotext for img in images]
+    if job.state is JobState.INTERRUPTED:
+        text = f"Interrupted: kept {len(images)} image(s)"
+    elif job.state is JobState.DONE and job.started_at and job.finished_at:
+        text = f"Done: {len(images)} image(s) in {job.finished_at - job.started_at:.1f}s"
+    updates = {
+        c["progress"]: progress_html(text, 1.0 if job.state is JobState.DONE else 0.0, active=False),
+        c["preview"]: gr.update(visible=False, value=None),
+        c["job_id"]: None,
+        c["action_status"]: "",
+    }
+    if images or job.state in (JobState.DONE, JobState.INTERRUPTED):
+        updates.update({
+            c["gallery"]: [_gallery_item(ctx, img) for img in images],
+            c["infotext"]: infotexts[0] if infotexts else "",
+            c["seed_used"]: _seed_html(seeds),
+            c["infotexts"]: infotexts,
+            c["seeds"]: seeds,
+            c["selected"]: 0,
+        })
+    return updates
+
+
+def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
+    c = registry.section(SECTION)
+    fields = {name: c[name] for name in TXT2IMG_FIELDS}
+    outputs = [c[k] for k in ("progress", "preview", "gallery", "infotext", "seed_used", "job_id", "infotexts",
+                              "seeds", "selected", "action_status")]
+
+    def generate(request: gr.Request, **values: Any):
+        try:
+            req = txt2img_request(values, options=ctx.options.as_dict())
+            job = ctx.submit(req, client=session_id(request))
+        except (RequestError, TypeError, RuntimeError) as exc:
+            yield {c["progress"]: progress_html(str(exc), error=True, active=False)}
+            raise gr.Error(str(exc), print_exception=False) from None
+        yield {c["job_id"]: job.id, c["progress"]: progress_html("Queued"), c["action_status"]: "",
+               c["preview"]: gr.update(visible=True, value=None)}
+        last = None
+        for snap in watch(ctx.worker, job):
+            last = snap
+            if snap.finished:
+                break
+            update = {c["progress"]: progress_html(snap.text, snap.fraction)}
+            if snap.preview is not None:
+                update[c["preview"]] = snap.preview
+            yield update
+        if job.state is JobState.FAILED or job.state is JobState.CANCELLED:
+            message = job.error or job.state.value
+            yield {**_finish_updates(ctx, c, job, last.text if last else message),
+                   c["progress"]: progress_html(f"{job.state.value.capitalize()}: {message}", error=True,
+                                                active=False)}
+            if job.state is JobState.FAILED:
+                raise gr.Error(message, print_exception=False)
+            return
+        yield _finish_updates(ctx, c, job, last.text if last else "Done")
+
+    # inputs_kwargs: the handler gets {field name: value} and API clients see the same names
+    c["generate"].click(generate, inputs_kwargs=fields, outputs=outputs, api_name="txt2img",
+                        concurrency_limit=None, show_progress="hidden")
+    c["prompt"].submit(generate, inputs_kwargs=fields, outputs=outputs, api_visibility="private",
+                       concurrency_limit=None, show_progress="hidden")
+
+    def own_job(job_id: str | None, request: gr.Request) -> Any:
+        """This session's job: the id kept in State, else its newest unfinished job (API clients)."""
+        session = session_id(request)
+        job = ctx.worker.get(job_id) if job_id else None
+        if job is None:
+            mine = [j for j in ctx.worker.jobs() if j.client == session and not j.state.finished]
+            job = mine[-1] if mine else None
+        if job is None or job.client != session or job.state.finished:
+            return None
+        return job
+
+    def interrupt(job_id: str | None, request: gr.Request) -> str:
+        job = own_job(job_id, request)
+        if job is None:
+            return status_html("Nothing of yours is running.")
+        ctx.worker.cancel(job.id)  # queued: removed; running: stops after this step, keeps finished images
+        return status_html("Interrupting...", kind="busy")
+
+    def skip(job_id: str | None, request: gr.Request) -> str:
+        job = own_job(job_id, request)
+        if job is None or not ctx.worker.skip(job.id):
+            return status_html("Nothing of yours is running.")
+        return status_html("Skipping this batch...", kind="busy")
+
+    c["interrupt"].click(interrupt, inputs=[c["job_id"]], outputs=[c["action_status"]],
+                         api_name="txt2img_interrupt", concurrency_limit=None, show_progress="hidden")
+    c["skip"].click(skip, inputs=[c["job_id"]], outputs=[c["action_status"]], api_name="txt2img_skip",
+                    concurrency_limit=None, show_progress="hidden")
+
+    def select(infotexts: list[str], evt: gr.SelectData):
+        index = evt.index if isinstance(evt.index, int) else 0
+        text = infotexts[index] if 0 <= index < len(infotexts) else ""
+        return text, index
+
+    c["gallery"].select(select, inputs=[c["infotexts"]], outputs=[c["infotext"], c["selected"]],
+                        api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    c["random_seed"].click(lambda: -1, outputs=[c["seed"]], api_visibility="private", queue=False,
+                           show_progress="hidden")
+
+    def reuse(seeds: list[int], selected: int):
+        if not seeds:
+            return gr.skip()
+        return seeds[selected] if 0 <= selected < len(seeds) else seeds[0]
+
+    c["reuse_seed"].click(reuse, inputs=[c["seeds"], c["selected"]], outputs=[c["seed"]],
+                          api_visibility="private", queue=False, show_progress="hidden")
