@@ -43,10 +43,7 @@ class AppContext:
             folder.mkdir(parents=True, exist_ok=True)
         settings.outdir.mkdir(parents=True, exist_ok=True)
         options = OptionsStore(settings.config_file)
-        catalog = Catalog(
-            {kind: [path] for kind, path in settings.model_dirs().items()},
-            hash_cache_file=settings.cache_dir / "hashes.json",
-        )
+        catalog = Catalog.from_settings(settings)
         catalog.refresh()
         cache = ComponentCache(int(options.get("sd_checkpoint_cache_mb")) * 1024 * 1024)
         manager = ModelManager(catalog=catalog, cache=cache, settings=settings)

@@ -169,3 +169,12 @@ def test_switching_back_is_a_ram_cache_hit_and_rss_plateaus(ctx):
     assert all(r["cache_hit"] for r in results)
     assert (rss_after - rss_warm) < 64 * 1024 * 1024, f"RSS grew by {(rss_after - rss_warm) / 2**20:.1f} MiB"
     ctx.run(LoadModelRequest(checkpoint="tiny_sd15"), timeout=300)
+
+
+def test_prompt_editing_switches_conditioning_mid_run(ctx):
+    def image(prompt):
+        return pixels(ctx.run(GenerationRequest(**{**SMALL, "prompt": prompt, "steps": 4}, seed=21), timeout=120))
+
+    red, blue, edited = image("red"), image("blue"), image("[red:blue:2]")
+    assert not np.array_equal(edited, red) and not np.array_equal(edited, blue)
+    assert np.array_equal(image("[red:blue:9]"), red), "an edit after the last step never takes effect"

@@ -462,3 +462,23 @@ def test_malformed_shapes_are_broken_not_crashes():
               "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": ("F16", [768])}
     with pytest.raises(BrokenModelFile, match="unexpected tensor layout for a lora"):
         detect(header_of(shapes))
+
+
+def test_unet_only_lycoris_on_tiny_widths_narrows_candidates():
+    shapes = {}
+    for block in ("down_blocks_0_attentions_0", "up_blocks_3_attentions_2"):
+        base = f"lora_unet_{block}_transformer_blocks_0_attn2_to_k"
+        shapes |= {base + ".hada_w1_a": ("F16", [64, 4]), base + ".hada_w1_b": ("F16", [4, 48]),
+                   base + ".hada_w2_a": ("F16", [64, 4]), base + ".hada_w2_b": ("F16", [4, 48])}
+    det = detect(header_of(shapes))  # LoHa hides proj_in's conv/linear shape: SD1 or SD2, never SDXL
+    assert det.arch is Arch.UNKNOWN and det.details["candidates"] == ("sd1", "sd2")
+    full = {"lora_unet_down_blocks_0_attentions_0_proj_in.diff": ("F16", [64, 64, 1, 1])}
+    assert detect(header_of(full)).arch is Arch.SD1  # LyCORIS "full" keeps the conv shape
+
+
+def test_peft_dora_magnitude_vector():
+    shapes = {}
+    bc.lora_layer(shapes, "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", [320, 768], 4, "peft")
+    shapes["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.lora_magnitude_vector"] = ("F16", [320])
+    det = detect(header_of(shapes))
+    assert (det.kind, det.arch, det.details["format"]) == (ModelKind.LORA, Arch.SD1, "dora")

@@ -128,7 +128,9 @@ def _batched_cfg(kwargs: dict[str, torch.Tensor], batch: int, cfg: bool) -> dict
     return out
 
 
-def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: RunOptions) -> GenerationResult:
+def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: RunOptions,
+                loras: Any = None) -> GenerationResult:
+    """``loras``: the manager's LoraApplication for this job (hashes for infotext, warnings)."""
     pipe, started = model.pipe, time.perf_counter()
     # 1. Seeds: A1111 numbering (seed + index over all images of the job).
     base_seed = resolve_seed(request.seed)
@@ -197,6 +199,7 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
                 request, seed=seed, subseed=subseeds[lo + offset], sampler=choice.sampler,
                 schedule=choice.schedule, model_name=Path(model.record.name).name, model_hash=model.model_hash,
                 vae_name=model.vae_record.name if model.vae_record else None, version=VERSION,
+                lora_hashes=loras.hashes if loras else None,
             )
             infotext = build_infotext(request.prompt, request.negative_prompt, params)
             path = None
@@ -227,6 +230,7 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
         "sd_vae_name": model.vae_name,
         "infotexts": [img.infotext for img in images],
         "seconds": round(time.perf_counter() - started, 3),
+        "warnings": list(loras.warnings) if loras else [],
         "version": VERSION,
     }
     parameters = {k: v for k, v in asdict(request).items() if k not in ("extra",)}

@@ -265,6 +265,7 @@ ADAPTER_SUFFIXES = MappingProxyType({
     ".hada_w2_b": "hada_w2_b", ".hada_t1": "hada_t1", ".hada_t2": "hada_t2", ".lokr_w1": "lokr_w1",
     ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b", ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a",
     ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2", ".dora_scale": "dora_scale",
+    ".lora_magnitude_vector": "dora_scale", ".diff": "diff", ".diff_b": "diff_b",  # peft DoRA; LyCORIS full
 })
 _ADAPTER_RE = re.compile("(" + "|".join(map(re.escape, sorted(ADAPTER_SUFFIXES, key=len, reverse=True))) + ")$")
 LORA_PARTS = (  # layer-name prefix -> which model part it adapts
@@ -307,6 +308,13 @@ class LoraFacts:
             if self.proj_conv is not None and "sd" in self.markers:
                 return Arch.SD1 if self.proj_conv else Arch.SD2
         return None
+
+    def candidates(self) -> tuple[str, ...]:
+        if "te1" in self.parts or "te2" in self.parts or ("xl" in self.markers and "sd" not in self.markers):
+            return (Arch.SDXL.value, Arch.SDXL_REFINER.value) if "te1" not in self.parts else (Arch.SDXL.value,)
+        if "sd" in self.markers or self.te_layers:
+            return (Arch.SD1.value, Arch.SD2.value)
+        return ()
 
     def width_arch(self) -> Arch | None:
         return CONTEXT_WIDTH_ARCH.get(self.context_width or 0) or {768: Arch.SD1, 1024: Arch.SD2}.get(
@@ -366,8 +374,9 @@ def lora_facts(h: SafetensorsHeader) -> LoraFacts | None:
             markers.update(tag for pattern, tag in LORA_UNET_MARKERS if pattern.search(flat))
             if ctx is None and re.search(r"attn2_(?:processor_)?to_k$", flat):
                 ctx = _in_width(g)
-            if proj_conv is None and flat.endswith("proj_in") and "down" in g:
-                proj_conv = g["down"].ndim == 4
+            full = g.get("down") or g.get("diff")  # tensors that keep the layer's own rank (conv: 4-D)
+            if proj_conv is None and flat.endswith("proj_in") and full is not None:
+                proj_conv = full.ndim == 4
         elif part in ("te", "te1"):
             if te_width is None and flat.endswith("q_proj"):
                 te_width = _in_width(g)
@@ -376,6 +385,7 @@ def lora_facts(h: SafetensorsHeader) -> LoraFacts | None:
     roles = {r for g in groups.values() for r in g}
     conv3 = any(g.get("down") is not None and g["down"].ndim == 4 and g["down"].shape[2] > 1 for g in groups.values())
     fmt = ("dora" if "dora_scale" in roles else "lokr" if any(r.startswith("lokr") for r in roles)
+           else "full" if roles <= {"diff", "diff_b"}
            else "loha" if "hada_w1_a" in roles else "locon" if conv3
            else "peft" if any(k.endswith(".lora_A.weight") for k in h.tensors)
            else "diffusers" if any(k.endswith("lora.down.weight") for k in h.tensors) else "lora")
@@ -591,6 +601,7 @@ def _probe_lora(h: SafetensorsHeader) -> Match | None:
     details: dict[str, Any] = {
         "format": facts.format, "parts": facts.parts, "layers": facts.layers, "rank": facts.rank,
         "context_width": facts.context_width, "te_width": facts.te_width, "warnings": [],
+        "candidates": facts.candidates(),  # archs the key layout allows, for a mismatch check when arch is unknown
     }
     if "dit" in facts.parts:
         details["unsupported"] = "LoRA for a transformer (DiT) model such as Flux/SD3; not supported"

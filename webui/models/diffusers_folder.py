@@ -113,8 +113,9 @@ def load_diffusers_folder(
             loaded[name] = _load(_text_encoder_class(path, name), path, name, dtype, allow_pickle)
             tokenizer = path / name.replace("text_encoder", "tokenizer")
             tok_name = tokenizer.name
+            has_vocab = (tokenizer / "vocab.json").is_file() or (tokenizer / "tokenizer.json").is_file()
             loaded[tok_name] = (CLIPTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
-                                if (tokenizer / "vocab.json").is_file() else configs.make_tokenizer(key, tok_name))
+                                if has_vocab else configs.make_tokenizer(key, tok_name))
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler_config = _read_json(scheduler_path) if scheduler_path.is_file() else configs.load_config(key, "scheduler")
     if prediction is not None:

@@ -110,7 +110,10 @@ def unet_config_from_ldm(unet: StateDict, base: dict[str, Any]) -> dict[str, Any
     config = copy.deepcopy(base)
     heads = config.get("attention_head_dim")
     if isinstance(heads, list) and len(heads) != levels:
-        raise ConversionError(f"{name}: {levels} levels, but the bundled config has {len(heads)} head counts")
+        raise ConversionError(
+            f"{name}: has {levels} resolution levels, but this architecture has {len(heads)}: "
+            "the file is a different architecture"
+        )
     head_list = heads if isinstance(heads, list) else [heads] * levels
     for level, (width, depth) in enumerate(zip(widths, down_depths)):
         if depth is not None and width % head_list[level]:

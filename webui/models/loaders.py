@@ -243,6 +243,20 @@ def scheduler_config_for(key: str, prediction: Prediction | None, zero_terminal_
     return config
 
 
+def _check_text_encoders(path: Path, arch: Arch, keys: list[str]) -> None:
+    """Fail early, naming what the file does contain, when the text encoders are not where ``arch`` has them."""
+    for spec in _TEXT_ENCODERS[arch]:
+        if any(k.startswith(spec.prefix) for k in keys):
+            continue
+        found = sorted({a.value for a, specs in _TEXT_ENCODERS.items() for s in specs
+                        if a is not arch and any(k.startswith(s.prefix) for k in keys)})
+        hint = f"its text encoders are laid out like {' or '.join(found)}" if found else "it has no text encoder"
+        raise ModelLoadError(
+            path, f"no {spec.component} weights under {spec.prefix}*, so it is not a {arch.value} checkpoint "
+            f"({hint})"
+        )
+
+
 _IN_CHANNELS = {Variant.NORMAL: 4, Variant.INPAINT: 9, Variant.INSTRUCT_PIX2PIX: 8, Variant.DEPTH: 5}
 
 
@@ -294,6 +308,7 @@ def load_checkpoint(
             path, f"no UNet weights ({conv.UNET_PREFIX}*) found, so this is not a checkpoint{_describe_other_kind(keys)}"
         )
     variant = _check_variant(path, variant, int(conv_in.shape[1]))
+    _check_text_encoders(path, arch, keys)
     try:
         key = configs.config_key(arch, variant, prediction)
     except KeyError as exc:
@@ -357,50 +372,8 @@ def load_vae(
         raise ModelLoadError(path, str(exc)) from None
 
 
-# (arch, variant) -> diffusers pipeline class name; the refiner only does img2img.
-_PIPELINES: dict[tuple[Arch, Variant], str] = {
-    (Arch.SD1, Variant.NORMAL): "StableDiffusionPipeline",
-    (Arch.SD1, Variant.INPAINT): "StableDiffusionInpaintPipeline",
-    (Arch.SD1, Variant.INSTRUCT_PIX2PIX): "StableDiffusionInstructPix2PixPipeline",
-    (Arch.SD2, Variant.NORMAL): "StableDiffusionPipeline",
-    (Arch.SD2, Variant.INPAINT): "StableDiffusionInpaintPipeline",
-    (Arch.SDXL, Variant.NORMAL): "StableDiffusionXLPipeline",
-    (Arch.SDXL, Variant.INPAINT): "StableDiffusionXLInpaintPipeline",
-    (Arch.SDXL_REFINER, Variant.NORMAL): "StableDiffusionXLImg2ImgPipeline",
-}
-
-
-def make_scheduler(scheduler_config: dict[str, Any]) -> Any:
-    """A fresh scheduler from a config dict (schedulers keep per-run state: never share one)."""
-    import diffusers
-
-    return getattr(diffusers, scheduler_config["_class_name"]).from_config(scheduler_config)
-
-
 def build_pipeline(components: CheckpointComponents, *, vae: Any | None = None) -> Any:
-    """A ready diffusers pipeline over the (shared) components, with a fresh scheduler.
+    """A ready diffusers pipeline over the (shared) components with a fresh scheduler; see ``pipelines``."""
+    from webui.models.pipelines import build_pipeline as build
 
-    ``vae`` replaces the checkpoint's own VAE (the user's VAE choice).  No safety checker.
-    """
-    import diffusers
-
-    where = components.source or Path(components.config_key or "checkpoint")
-    name = _PIPELINES.get((components.arch, components.variant))
-    if name is None:
-        raise ModelLoadError(where, f"no pipeline for {components.arch.value}/{components.variant.value}")
-    vae = vae if vae is not None else components.vae
-    if vae is None:
-        raise ModelLoadError(where, "the checkpoint has no built-in VAE (first_stage_model.*): select a VAE file")
-    kwargs: dict[str, Any] = dict(unet=components.unet, vae=vae, scheduler=make_scheduler(components.scheduler_config),
-                                  text_encoder=components.text_encoder, tokenizer=components.tokenizer)
-    if components.arch in (Arch.SDXL, Arch.SDXL_REFINER):
-        index = configs.load_config(components.config_key, "model_index")
-        kwargs.update(text_encoder_2=components.text_encoder_2, tokenizer_2=components.tokenizer_2,
-                      force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
-        if "requires_aesthetics_score" in index:
-            kwargs["requires_aesthetics_score"] = index["requires_aesthetics_score"]
-    else:
-        kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe = getattr(diffusers, name)(**kwargs)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return build(components, vae=vae)

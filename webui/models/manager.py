@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from webui.models.cache import ComponentCache, module_bytes
 from webui.models.catalog import Catalog, ModelRecord
 from webui.runtime.device import DevicePlan, plan_device
 from webui.settings import Settings
-from webui.types import Arch, ModelKind, Prediction
+from webui.types import Arch, LoraRef, ModelKind, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class LoadedModel:
     model_hash: str | None
     load_seconds: float
     cache_hit: bool
+    patcher: Any = None  # webui.models.lora.LoraPatcher, created on first LoRA use
 
     @property
     def arch(self) -> Arch:
@@ -71,6 +72,22 @@ def _components_bytes(components: Any) -> int:
         if isinstance(value, torch.nn.Module):
             total += module_bytes(value)
     return total
+
+
+@dataclass(frozen=True)
+class LoraApplication:
+    """What a LoRA stack did to the loaded model, for infotext and the user."""
+
+    hashes: dict[str, str]  # name -> sha256[:12] (A1111 "Lora hashes")
+    warnings: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def merge_lora_refs(slots: Sequence[LoraRef], tags: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
+    """UI slots and ``<lora:>`` tags are two views of one list: a tag overrides a slot of the same name."""
+    merged = {ref.name: ref for ref in slots}
+    merged.update({ref.name: ref for ref in tags})
+    return tuple(merged.values())
 
 
 class ModelManager:
@@ -174,9 +191,47 @@ class ModelManager:
                  self.current.load_seconds, " [RAM cache]" if hit else "")
         return self.current
 
+    # ---- LoRA ----------------------------------------------------------------------------
+    def _lora(self, ref: LoraRef) -> Any:
+        from webui.models.lora import load_lora
+
+        try:
+            record = self._catalog.get(ModelKind.LORA.value, ref.name)
+        except LookupError as exc:
+            raise ModelUnavailable(f"LoRA {ref.name!r}: {exc}") from None
+        if record.error:
+            raise ModelUnavailable(f"{record.path}: {record.error}")
+        key = _file_key("lora", record)
+        lora = self._cache.get(key)
+        if lora is None:
+            lora = load_lora(record.path, name=record.name, sha256=self._catalog.sha256(record),
+                             allow_pickle=self._settings.allow_pickle)
+            self._cache.put(key, lora, lora.nbytes)
+        return lora
+
+    def apply_loras(self, model: LoadedModel, refs: Sequence[LoraRef]) -> LoraApplication:
+        """Merge exactly this LoRA stack into ``model`` (restoring layers a previous stack touched)."""
+        from webui.models.lora import LoraPatcher, StackEntry
+
+        if not refs and model.patcher is None:
+            return LoraApplication(hashes={})
+        entries = [StackEntry(self._lora(ref), ref.weight, ref.te_weight) for ref in refs]
+        if model.patcher is None:
+            pipe = model.pipe
+            modules = {"unet": pipe.unet, "te1": pipe.text_encoder}
+            if getattr(pipe, "text_encoder_2", None) is not None:
+                modules["te2"] = pipe.text_encoder_2
+            model.patcher = LoraPatcher({k: v for k, v in modules.items() if v is not None}, arch=model.arch)
+        report = model.patcher.apply(entries)
+        hashes = {e.lora.name.split("/")[-1]: (e.lora.sha256 or "")[:12] for e in entries}
+        warnings = tuple(report.warnings) + tuple(w for e in entries for w in e.lora.warnings)
+        return LoraApplication(hashes=hashes, warnings=warnings, seconds=report.seconds)
+
     def _move_current_off_device(self) -> None:
         if self.current is None:
             return
+        if self.current.patcher is not None:  # cached components must stay pristine
+            self.current.patcher.restore()
         if self.plan.device.type != "cpu":
             self.current.pipe.to("cpu")
             torch.cuda.empty_cache() if self.plan.is_cuda else None

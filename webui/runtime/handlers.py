@@ -27,11 +27,17 @@ def _run_options(ctx: "AppContext"):
 def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl"], Any]]:
     def generate(job: "Job", control: "JobControl"):
         from webui.generation.runner import run_txt2img
+        from webui.models.manager import merge_lora_refs
+        from webui.prompt.parser import extract_lora_tags
 
         request: GenerationRequest = job.request
         control.update(text=f"loading {request.checkpoint}")
         model = ctx.manager.ensure(request.checkpoint, request.vae)
-        return run_txt2img(model, request, control, _run_options(ctx))
+        loras = merge_lora_refs(request.loras, extract_lora_tags(request.prompt)[1])
+        if loras or model.patcher is not None:
+            control.update(text=f"applying {len(loras)} LoRA(s)")
+        applied = ctx.manager.apply_loras(model, loras)
+        return run_txt2img(model, request, control, _run_options(ctx), loras=applied)
 
     def load_model(job: "Job", control: "JobControl"):
         request: LoadModelRequest = job.request

@@ -110,11 +110,11 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         old = current_checkpoint(ctx)
         record = find_checkpoint(ctx, name)
         if record is None:
-            yield {c["checkpoint"]: gr.update(value=old),
+            yield {c["checkpoint"]: old,
                    c["status"]: status_html(f"Checkpoint {name!r} is not in the list; press Refresh.", kind="error")}
             return
         if record.error:
-            yield {c["checkpoint"]: gr.update(value=old),
+            yield {c["checkpoint"]: old,
                    c["status"]: status_html(f"{_file_label(record)} cannot be used: {record.error}", kind="error")}
             return
         yield {c["status"]: status_html(f"Loading {_file_label(record)}...", kind="busy")}
@@ -124,10 +124,10 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
             message = str(exc)
             if _file_label(record) not in message:
                 message = f"{_file_label(record)}: {message}"
-            yield {c["checkpoint"]: gr.update(value=old),
+            yield {c["checkpoint"]: old,
                    c["status"]: status_html(f"Could not load {message}", kind="error")}
             return
-        yield {c["checkpoint"]: gr.update(value=record.name),
+        yield {c["checkpoint"]: record.name,
                c["status"]: status_html(f"Loaded {_file_label(record)}.", kind="ok")}
 
     c["checkpoint"].input(set_checkpoint, inputs=[c["checkpoint"]], outputs=[c["checkpoint"], c["status"]],
@@ -140,7 +140,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         try:
             ctx.set_options({"sd_vae": name})
         except (OptionError, RequestError) as exc:
-            yield {c["vae"]: gr.update(value=old), c["status"]: status_html(f"VAE {name}: {exc}", kind="error")}
+            yield {c["vae"]: old, c["status"]: status_html(f"VAE {name}: {exc}", kind="error")}
             return
         yield {c["status"]: status_html(f"VAE: {name}.", kind="ok")}
 

@@ -40,7 +40,8 @@ def _widget(ctx: Any, spec: OptionSpec, value: Any) -> Any:
     if choices is not None:
         if value not in choices and value not in ("", None):
             choices = [value, *choices]
-        return gr.Dropdown(choices, value=value or None, allow_custom_value=True, **common)
+        # "" (not None) keeps the API parameter optional; a blank dropdown is read as "no change"
+        return gr.Dropdown(choices, value=value or "", allow_custom_value=True, **common)
     if spec.kind is bool:
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind in (int, float):
@@ -80,13 +81,17 @@ def option_components(c: dict[str, Any]) -> dict[str, Any]:
     return {name[len("opt."):]: comp for name, comp in c.items() if name.startswith("opt.")}
 
 
-def changed_values(values: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
-    """Only the options whose submitted value differs from the stored one (after coercion)."""
+def changed_values(values: dict[str, Any], current: dict[str, Any], *, blank_means_keep=()) -> dict[str, Any]:
+    """Only the options whose submitted value differs from the stored one (after coercion).
+
+    ``None`` (an empty number) and, for the keys in ``blank_means_keep`` (dropdowns of names), ``""``
+    mean "leave it": an API client that omits them sends the page's initial values, not the current ones.
+    """
     changes = {}
     by_key = {spec.key: spec for spec in OPTION_SPECS}
     for key, value in values.items():
         spec = by_key[key]
-        if value is None:  # an empty dropdown/number (or an API client that left it out): no change
+        if value is None or (value == "" and key in blank_means_keep):
             continue
         try:
             same = spec.coerce(value) == current.get(key, spec.default)
@@ -100,9 +105,10 @@ def changed_values(values: dict[str, Any], current: dict[str, Any]) -> dict[str,
 def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     c = registry.section(SECTION)
     opts = option_components(c)
+    dropdowns = {key for key, comp in opts.items() if isinstance(comp, gr.Dropdown)}
 
     def apply(**values: Any):
-        changes = changed_values(values, ctx.options.as_dict())
+        changes = changed_values(values, ctx.options.as_dict(), blank_means_keep=dropdowns)
         if not changes:
             return status_html("Nothing changed.")
         try:

@@ -10,6 +10,7 @@ Three verdicts, each naming the file:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Mapping
 
 from torch import nn
@@ -24,18 +25,18 @@ __all__ = [
     "same_family",
 ]
 
-ARCH_NAMES = {Arch.SD1: "SD 1.x", Arch.SD2: "SD 2.x", Arch.SDXL: "SDXL", Arch.SDXL_REFINER: "SDXL Refiner",
-              Arch.UNKNOWN: "an unknown architecture"}
-_FAMILY = {Arch.SD1: "sd", Arch.SD2: "sd", Arch.SDXL: "sdxl", Arch.SDXL_REFINER: "refiner"}
-_CONTEXT_ARCH = {768: Arch.SD1, 1024: Arch.SD2, 2048: Arch.SDXL, 1280: Arch.SDXL_REFINER}
+ARCH_NAMES = MappingProxyType({Arch.SD1: "SD 1.x", Arch.SD2: "SD 2.x", Arch.SDXL: "SDXL",
+                               Arch.SDXL_REFINER: "SDXL Refiner", Arch.UNKNOWN: "an unknown architecture"})
+_FAMILY = MappingProxyType({Arch.SD1: "sd", Arch.SD2: "sd", Arch.SDXL: "sdxl", Arch.SDXL_REFINER: "refiner"})
+_CONTEXT_ARCH = MappingProxyType({768: Arch.SD1, 1024: Arch.SD2, 2048: Arch.SDXL, 1280: Arch.SDXL_REFINER})
 
 
 class LoraArchMismatch(LoraError):
-    pass
+    """The LoRA was made for another base architecture (or its layer shapes say so)."""
 
 
 class LoraNoMatch(LoraError):
-    pass
+    """Not one layer of the LoRA exists in the loaded model."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def check_lora(lora: LoadedLora, keymap: KeyMap, arch: Arch) -> MatchReport:
     if not same_family(lora.arch, arch):
         raise LoraArchMismatch(
             f"LoRA {lora.label} was made for {ARCH_NAMES[lora.arch]} but the loaded model is {ARCH_NAMES[arch]}; "
-            f"pick a {ARCH_NAMES[arch]} LoRA or load a {ARCH_NAMES[lora.arch]} checkpoint")
+            f"use a LoRA made for {ARCH_NAMES[arch]}, or load a {ARCH_NAMES[lora.arch]} checkpoint")
     matched: dict[str, Target] = {}
     unmatched: list[str] = []
     wrong_shape: list[str] = []
@@ -100,7 +101,7 @@ def check_lora(lora: LoadedLora, keymap: KeyMap, arch: Arch) -> MatchReport:
             continue
         weight = keymap.module(target).weight
         if not patch.fits(weight.shape):
-            wrong_shape.append(f"{name} (fits {list(patch.flat_shape())}, model has {list(weight.shape)})")
+            wrong_shape.append(f"{name} (LoRA needs {list(patch.flat_shape())}, model has {list(weight.shape)})")
             continue
         matched[name] = target
     if wrong_shape:

@@ -30,6 +30,7 @@ import json
 import math
 import re
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -49,7 +50,7 @@ class LoraFormatError(LoraError):
 
 
 # suffix -> role; longest suffix wins (".lora.down.weight" before ".down.weight").
-FORMAT_SUFFIXES: Mapping[str, str] = {
+FORMAT_SUFFIXES: Mapping[str, str] = MappingProxyType({
     ".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid",
     ".lora_A.weight": "down", ".lora_B.weight": "up",
     ".lora.down.weight": "down", ".lora.up.weight": "up",
@@ -62,12 +63,12 @@ FORMAT_SUFFIXES: Mapping[str, str] = {
     ".lokr_w1": "lokr_w1", ".lokr_w1_a": "lokr_w1_a", ".lokr_w1_b": "lokr_w1_b",
     ".lokr_w2": "lokr_w2", ".lokr_w2_a": "lokr_w2_a", ".lokr_w2_b": "lokr_w2_b", ".lokr_t2": "lokr_t2",
     ".diff": "diff", ".diff_b": "diff_b",
-}
+})
 # Recognised but not supported: say so instead of calling them unknown.
-UNSUPPORTED_SUFFIXES: Mapping[str, str] = {
+UNSUPPORTED_SUFFIXES: Mapping[str, str] = MappingProxyType({
     ".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R": "BOFT", ".on_input": "IA3",
     ".a1.weight": "GLoRA", ".b1.weight": "GLoRA", ".w_norm": "norm-layer LyCORIS", ".b_norm": "norm-layer LyCORIS",
-}
+})
 _SUFFIX_RE = re.compile("(" + "|".join(map(re.escape, sorted(FORMAT_SUFFIXES, key=len, reverse=True))) + ")$")
 _UNSUPPORTED_RE = re.compile("(" + "|".join(map(re.escape, UNSUPPORTED_SUFFIXES)) + ")$")
 
@@ -304,17 +305,17 @@ def _peft_alpha(name: str, rank: int, configs: Mapping[str, Mapping[str, Any]]) 
     return None
 
 
-_BUILDERS = {  # role that marks the format -> (class, {role: field})
+_BUILDERS = MappingProxyType({  # role that marks the format -> (class, {role: field})
     "hada_w1_a": (LohaPatch, {"hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
                               "hada_t1": "t1", "hada_t2": "t2"}),
     "lokr": (LokrPatch, {"lokr_w1": "w1", "lokr_w1_a": "w1a", "lokr_w1_b": "w1b", "lokr_w2": "w2",
                          "lokr_w2_a": "w2a", "lokr_w2_b": "w2b", "lokr_t2": "t2"}),
     "down": (LoraPatch, {"down": "down", "up": "up", "mid": "mid"}),
     "diff": (FullPatch, {"diff": "diff"}),
-}
-_REQUIRED = {
+})
+_REQUIRED = MappingProxyType({
     LohaPatch: ("w1a", "w1b", "w2a", "w2b"), LoraPatch: ("down", "up"), FullPatch: ("diff",),
-}
+})
 
 
 def _build(name: str, roles: dict[str, torch.Tensor], alpha: float | None) -> LayerPatch | None:
@@ -330,12 +331,12 @@ def _build(name: str, roles: dict[str, torch.Tensor], alpha: float | None) -> La
         return None
     cls, fields = _BUILDERS[marker]
     kwargs = {fields[r]: t for r, t in roles.items() if r in fields}
-    missing = [f for f in _REQUIRED.get(cls, ()) if kwargs.get(f) is None]
+    role_of = {f: r for r, f in fields.items()}
+    missing = [role_of[f] for f in _REQUIRED.get(cls, ()) if kwargs.get(f) is None]
     if cls is LokrPatch:
-        if "w1" not in kwargs and not ("w1a" in kwargs and "w1b" in kwargs):
-            missing.append("lokr_w1 (or lokr_w1_a + lokr_w1_b)")
-        if "w2" not in kwargs and not ("w2a" in kwargs and "w2b" in kwargs):
-            missing.append("lokr_w2 (or lokr_w2_a + lokr_w2_b)")
+        for side in ("w1", "w2"):
+            if side not in kwargs and not (f"{side}a" in kwargs and f"{side}b" in kwargs):
+                missing.append(f"lokr_{side} (or lokr_{side}_a + lokr_{side}_b)")
     if missing:
         raise LoraFormatError(f"layer {name!r} is incomplete: {', '.join(missing)} missing")
     magnitude, axis = roles.get("magnitude"), "out"  # peft: [out] (linear) or [1, out, 1, 1] (conv)

@@ -32,6 +32,9 @@ COMPONENTS = ("unet", "te1", "te2")
 COMPONENT_ALIASES = MappingProxyType({
     "unet": "unet", "te1": "te1", "te2": "te2", "te": "te1", "text_encoder": "te1", "text_encoder_2": "te2",
 })
+# Pipeline components a LoRA never patches: passing ``pipe.components`` as it is works.
+IGNORED_COMPONENTS = frozenset({"vae", "scheduler", "tokenizer", "tokenizer_2", "feature_extractor",
+                                "safety_checker", "image_encoder"})
 # file prefix -> component (longest first where one is a prefix of another)
 FILE_PREFIXES = (
     ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"),
@@ -141,7 +144,7 @@ class KeyMap:
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         comps: dict[str, nn.Module] = {}
         for key, module in modules.items():
-            if module is None:
+            if module is None or key in IGNORED_COMPONENTS:
                 continue
             canon = COMPONENT_ALIASES.get(key)
             if canon is None:

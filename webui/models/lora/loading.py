@@ -18,7 +18,7 @@ import torch
 
 from webui.models import detect
 from webui.models.lora.formats import LayerPatch, LoraFormatError, parse_state_dict
-from webui.types import Arch
+from webui.types import Arch, ModelKind
 
 __all__ = ["LoadedLora", "load_lora", "lora_from_state_dict", "trigger_words"]
 
@@ -89,7 +89,7 @@ def _arch_from_tensors(state_dict: Mapping[str, torch.Tensor], metadata: Mapping
     except detect.BrokenModelFile as exc:
         raise LoraFormatError(exc.reason) from None
     warnings = list(found.details.get("warnings", ()))
-    if found.kind.value != "lora":
+    if found.kind is not ModelKind.LORA:
         return Arch.UNKNOWN, warnings
     if found.details.get("unsupported"):
         raise LoraFormatError(found.details["unsupported"])

@@ -6,9 +6,10 @@ For every parameter a stack touches, the pristine tensor is saved once, as a rea
 first write.  The merged weight ``pristine + sum(multiplier_i * delta_i)`` is computed in float32 on the
 parameter's device, cast to the parameter's dtype, and **assigned** as the parameter's new tensor
 (``param.data = merged``): the tensor the parameter held before is never written to.  That tensor may be
-shared with something else (a cache's CPU copy of the component, a memory-mapped file, another pipeline
-built with ``from_pipe``), so writing into it in place could corrupt a model we do not own.  The
-``nn.Parameter`` object itself stays the same, so modules, hooks and optimizers keep their references.
+shared with something else (a state dict the component cache keeps to rebuild the model, a memory-mapped
+file), so writing into it in place could corrupt data we do not own.  The ``nn.Parameter`` object itself
+stays the same, so modules and hooks keep their references (and a pipeline made with ``from_pipe``, which
+shares the modules, sees the same patched weights).
 
 Restoring assigns the saved pristine copy back (moved to the parameter's device) and forgets it; it never
 subtracts deltas, so restore is exact no matter how many swaps came before (``torch.equal`` holds).
@@ -52,7 +53,7 @@ class StackEntry(NamedTuple):
 
     lora: LoadedLora
     unet_weight: float = 1.0
-    te_weight: float = 1.0
+    te_weight: float | None = 1.0  # None: same as unet_weight
     block_weights: str | Sequence[float] | None = None  # preset name or vector (see ``blocks``)
 
 
@@ -121,12 +122,12 @@ class LoraPatcher:
         """Make the weights ``pristine + stack``.  Raises ``LoraError`` (before touching anything) for a LoRA
         that does not fit; on any other failure restores everything and re-raises."""
         started = time.perf_counter()
-        entries = tuple(StackEntry(*e) for e in stack)
+        entries = tuple(_entry(e) for e in stack)
         identity = _identity(entries)
         same_objects = len(entries) == len(self._stack) and all(
             a.lora is b.lora for a, b in zip(entries, self._stack))
         if identity == self._identity and same_objects:
-            return self._report(identity, 0, 0, (), started)
+            return self._report(identity, 0, 0, tuple(self.check(e.lora) for e in entries), started)
         matches = tuple(self.check(e.lora) for e in entries)  # raises before any write
         self._matches = {id(e.lora): (e.lora, m) for e, m in zip(entries, matches)}
         wanted = self._wanted(entries, matches)
@@ -214,16 +215,24 @@ class LoraPatcher:
 
     def _restore_one(self, key: ParamKey) -> None:
         param = self._param(key)
-        pristine = self._pristine.pop(key, None)
-        self._applied.pop(key, None)
+        pristine = self._pristine.get(key)
         if pristine is not None:
             param.data = pristine.to(param.device)  # on the CPU this hands over our private copy itself
+            del self._pristine[key]  # only once the parameter holds it again
+        self._applied.pop(key, None)
 
     def _report(self, identity: tuple, written: int, restored: int, matches: tuple, started: float,
                 warnings: tuple[str, ...] = ()) -> PatchReport:
         return PatchReport(identity=identity, layers_written=written, layers_restored=restored,
                            layers_patched=len(self._applied), matches=matches, warnings=warnings,
                            seconds=time.perf_counter() - started)
+
+
+def _entry(item: StackEntry | tuple) -> StackEntry:
+    entry = StackEntry(*item)
+    if entry.te_weight is None:  # LoraRef.te_weight None: same as the UNet weight
+        entry = entry._replace(te_weight=entry.unet_weight)
+    return entry
 
 
 def _signature(contribs: Sequence[Contribution]) -> tuple:
