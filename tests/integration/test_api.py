@@ -158,7 +158,8 @@ def test_txt2img_invalid_values(server, fields, status, fragment):
 
 
 def test_invalid_json_is_422(server):
-    response = server.client.post("/sdapi/v1/txt2img", content=b"{not json", headers={"content-type": "application/json"})
+    response = server.client.post("/sdapi/v1/txt2img", content=b"{not json",
+                                  headers={"content-type": "application/json"})
     assert response.status_code == 422 and "JSON" in response.json()["errors"]
 
 
@@ -171,10 +172,10 @@ def test_not_yet_available_routes_say_so(server):
 def test_override_settings_switch_model_for_one_job_only(server):
     base = json.loads(txt2img(server, seed=11)["info"])
     other = json.loads(txt2img(server, seed=11, override_settings={
-        "sd_model_checkpoint": "tiny_b.safetensors", "CLIP_stop_at_last_layers": 2,
+        "sd_model_checkpoint": "tiny_b.safetensors", "sd_vae": "tiny_vae.safetensors", "CLIP_stop_at_last_layers": 2,
     })["info"])
     assert other["sd_model_name"] == "tiny_b" and base["sd_model_name"] == "tiny_sd15"
-    assert "Clip skip: 2" in other["infotexts"][0]
+    assert "Clip skip: 2" in other["infotexts"][0] and "VAE: tiny_vae" in other["infotexts"][0]
     assert server.client.get("/sdapi/v1/options").json()["sd_model_checkpoint"].startswith("tiny_sd15")
     again = json.loads(txt2img(server, seed=11)["info"])
     assert again["sd_model_name"] == "tiny_sd15"

@@ -11,7 +11,6 @@ import shutil
 import socket
 import threading
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import httpx

@@ -136,6 +136,15 @@ def test_interrupt_stops_early_and_keeps_finished_images(app, client):
     assert worker_job.state is JobState.INTERRUPTED
 
 
+def test_skip_drops_the_current_batch_and_goes_on(client):
+    job = client.submit(prompt="skip", steps=60, width=64, height=64, seed=20, n_iter=2, api_name="/txt2img")
+    wait_for(job, progress_is(r"Step \d+/60 · Batch 1/2"), timeout=240)
+    assert "Skipping" in text_of(client.predict(api_name="/txt2img_skip"))
+    final = job.result(timeout=240)
+    assert text_of(final[PROGRESS]).startswith("Done: 1 image")
+    assert "Seed: 21" in final[INFOTEXT]  # the second batch's seed: the first batch was skipped
+
+
 def test_two_clients_are_served_in_order_and_cannot_stop_each_other(app):
     first, second, idle = (Client(app.url, verbose=False) for _ in range(3))
     long_job = first.submit(prompt="first", steps=150, width=64, height=64, seed=5, api_name="/txt2img")
@@ -178,6 +187,21 @@ def test_checkpoint_dropdown_loads_and_rejects_broken_files(app, client):
     assert value == "tiny_sd15"  # the previous choice is kept
     assert "broken.safetensors cannot be used" in text_of(status)
     assert app.ctx.options.get("sd_model_checkpoint") == "tiny_sd15"
+    value, status = client.predict("Automatic", api_name="/set_vae")
+    assert value == "Automatic" and text_of(status) == "VAE: Automatic."
+
+
+def test_refresh_finds_new_files(app, client):
+    ckpt_dir = app.ctx.settings.ckpt_dir
+    copy = ckpt_dir / "tiny_copy.safetensors"
+    copy.write_bytes((ckpt_dir / "tiny_sd15.safetensors").read_bytes())
+    try:
+        *_, status = client.predict(api_name="/refresh_models")
+        assert text_of(status) == "Found 2 usable checkpoint(s)."
+        assert "tiny_copy" in [r.name for r in app.ctx.usable_checkpoints()]
+    finally:
+        copy.unlink()
+        client.predict(api_name="/refresh_models")
 
 
 def test_settings_apply_and_reject(app, client):

@@ -44,7 +44,8 @@ def resolve_models(ctx, request: GenerationRequest) -> GenerationRequest:
         try:
             record = ctx.catalog.get(ModelKind.VAE.value, request.vae)
         except LookupError as exc:
-            raise RequestError(f"override_settings.sd_vae: {exc} Use Automatic, None or a name from /sdapi/v1/sd-vae.") from None
+            raise RequestError(
+                f"override_settings.sd_vae: {exc} Use Automatic, None or a name from /sdapi/v1/sd-vae.") from None
         changes["vae"] = record.name
     return request.with_changes(**changes) if changes else request
 

@@ -74,7 +74,8 @@ def decode_image(data: str, *, field: str = "image") -> Image.Image:
     try:
         image = Image.open(io.BytesIO(raw))
     except Image.DecompressionBombError:
-        raise RequestError(f"{field} declares too many pixels; images up to {MAX_SIDE}x{MAX_SIDE} are accepted") from None
+        raise RequestError(
+            f"{field} declares too many pixels; images up to {MAX_SIDE}x{MAX_SIDE} are accepted") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise RequestError(f"{field} is not a PNG, JPEG, WebP, BMP or GIF image") from None
     if image.format not in ALLOWED_FORMATS:

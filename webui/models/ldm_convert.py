@@ -98,7 +98,8 @@ def unet_config_from_ldm(unet: StateDict, base: dict[str, Any]) -> dict[str, Any
     mid_depth = block_depth("middle_block")
     if mid_depth is None:
         raise ConversionError(f"{name}: the middle block has no transformer; not a Stable Diffusion UNet")
-    depths = [mid_depth if d is None else d for d in down_depths]
+    # Levels without attention get depth 1, except the last: diffusers gives the middle block its depth.
+    depths = [1 if d is None else d for d in down_depths[:-1]] + [down_depths[-1] or mid_depth]
     if depths[-1] != mid_depth:
         raise ConversionError(f"{name}: middle block depth {mid_depth} differs from the last level's {depths[-1]}")
 

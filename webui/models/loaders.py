@@ -76,8 +76,10 @@ _TEXT_ENCODERS: dict[Arch, tuple[_TextEncoderSpec, ...]] = {
     ),
 }
 
-# Keys real checkpoints carry besides the three models (DDPM buffers, EMA copies, markers): ignored.
+# Keys real checkpoints carry besides the three models (DDPM buffers, markers) are ignored; EMA copies
+# of the UNet (``model_ema.*``, 3.4 GB in the unpruned SD1.5) are not even read.
 _MARKER_KEYS = ("v_pred", "ztsnr")
+_SKIPPED_PREFIXES = ("model_ema.",)
 
 # What a file that is not a checkpoint looks like, for a helpful message.
 _OTHER_KINDS: tuple[tuple[Callable[[str], bool], str, str], ...] = (
@@ -92,16 +94,19 @@ _OTHER_KINDS: tuple[tuple[Callable[[str], bool], str, str], ...] = (
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def read_state_dict(path: str | Path, *, dtype: torch.dtype | None = None, allow_pickle: bool = False) -> StateDict:
-    """All tensors of a weights file, floating ones cast to ``dtype`` one at a time (one copy in RAM)."""
+def read_state_dict(
+    path: str | Path, *, dtype: torch.dtype | None = None, allow_pickle: bool = False, skip: tuple[str, ...] = ()
+) -> StateDict:
+    """All tensors of a weights file (except keys starting with ``skip``), floating ones cast to ``dtype``
+    one at a time: one copy in RAM."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(path, "file not found")
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        tensors = _read_pickle(path, allow_pickle)
+        tensors = {k: v for k, v in _read_pickle(path, allow_pickle).items() if not (skip and k.startswith(skip))}
     elif suffix in SAFETENSORS_SUFFIXES:
-        tensors = _read_safetensors(path, dtype)
+        tensors = _read_safetensors(path, dtype, skip)
     else:
         raise ModelLoadError(path, f"unsupported file type {suffix!r}; use .safetensors")
     if dtype is not None:  # safetensors were cast while reading
@@ -111,13 +116,15 @@ def read_state_dict(path: str | Path, *, dtype: torch.dtype | None = None, allow
     return tensors
 
 
-def _read_safetensors(path: Path, dtype: torch.dtype | None) -> StateDict:
+def _read_safetensors(path: Path, dtype: torch.dtype | None, skip: tuple[str, ...]) -> StateDict:
     from safetensors import SafetensorError, safe_open
 
     out: StateDict = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key in handle.keys():
+                if skip and key.startswith(skip):
+                    continue
                 tensor = handle.get_tensor(key)
                 if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
                     tensor = tensor.to(dtype)
@@ -300,7 +307,7 @@ def load_checkpoint(
     arch = Arch(arch)
     if arch not in _TEXT_ENCODERS:
         raise ModelLoadError(path, f"cannot load a {arch.value} checkpoint (supported: SD1, SD2, SDXL, SDXL refiner)")
-    state = read_state_dict(path, dtype=dtype, allow_pickle=allow_pickle)
+    state = read_state_dict(path, dtype=dtype, allow_pickle=allow_pickle, skip=_SKIPPED_PREFIXES)
     keys = list(state)
     conv_in = state.get(conv.UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is None:

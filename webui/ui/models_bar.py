@@ -142,7 +142,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         except (OptionError, RequestError) as exc:
             yield {c["vae"]: old, c["status"]: status_html(f"VAE {name}: {exc}", kind="error")}
             return
-        yield {c["status"]: status_html(f"VAE: {name}.", kind="ok")}
+        yield {c["vae"]: name, c["status"]: status_html(f"VAE: {name}.", kind="ok")}
 
     c["vae"].input(set_vae, inputs=[c["vae"]], outputs=[c["vae"], c["status"]], api_name="set_vae",
                    concurrency_limit=None, show_progress="minimal")

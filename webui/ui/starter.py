@@ -105,7 +105,8 @@ def wire(ctx: Any, c: dict[str, Any], *, refresh_updates: Callable[[], dict], li
             updates[c["starter_timer"]] = gr.Timer(active=False)
             if status.state == "done":
                 ctx.refresh_models()
-                updates.update(refresh_updates())
+                # keep the panel open so the success message stays in view
+                updates.update({k: v for k, v in refresh_updates().items() if k is not c["starter_panel"]})
         return updates
 
     c["starter_timer"].tick(poll, inputs=[c["starter_model"]],
