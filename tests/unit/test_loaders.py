@@ -91,6 +91,30 @@ def test_derived_configs_match_the_source_models(loaded, source):
     assert components.vae.config.scaling_factor == 0.13025 and components.vae.config.force_upcast
 
 
+def test_asymmetric_transformer_depths_are_read_from_the_weights():
+    """SSD-1B-style UNets (different depths in the up path) need reverse_transformer_layers_per_block."""
+    from diffusers import UNet2DConditionModel
+
+    from tests.fixtures import ldm_layout
+    from webui.models import ldm_convert
+
+    config = dict(block_out_channels=[32, 64, 64], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,
+                  up_block_types=["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"], attention_head_dim=[1, 2, 2],
+                  cross_attention_dim=32, layers_per_block=2, transformer_layers_per_block=[1, 2, 3],
+                  reverse_transformer_layers_per_block=[[3, 1, 3], [2, 2, 1], [1, 1, 1]], sample_size=8)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config).eval()
+    ldm_sd = ldm_layout.unet_to_ldm(unet.state_dict(), dict(unet.config))
+    base = {k: v for k, v in config.items() if k not in ("block_out_channels", "transformer_layers_per_block",
+                                                          "reverse_transformer_layers_per_block")}
+    derived = ldm_convert.unet_config_from_ldm(ldm_sd, base)
+    assert derived["transformer_layers_per_block"] == [1, 2, 3]
+    assert derived["reverse_transformer_layers_per_block"] == [[3, 1, 3], [2, 2, 1], [1, 1, 1]]
+    loaded = loaders.instantiate(lambda: UNet2DConditionModel.from_config(derived),
+                                 ldm_convert.convert_unet(ldm_sd, derived), "UNet")
+    assert_same_weights(unet, loaded, "asymmetric unet")
+
+
 def test_sd2_text_encoder_uses_23_of_24_layers(loaded, tiny_models):
     te = loaded("sd2v").text_encoder
     assert te.config.num_hidden_layers == 23 and te.config.hidden_act == "gelu"

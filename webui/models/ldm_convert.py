@@ -117,7 +117,7 @@ def unet_config_from_ldm(unet: StateDict, base: dict[str, Any]) -> dict[str, Any
         )
     head_list = heads if isinstance(heads, list) else [heads] * levels
     for level, (width, depth) in enumerate(zip(widths, down_depths)):
-        if depth is not None and width % head_list[level]:
+        if (depth is not None or level == levels - 1) and width % head_list[level]:  # last level: middle block
             raise ConversionError(f"{name}: width {width} of level {level} is not divisible by {head_list[level]} heads")
 
     config.update(

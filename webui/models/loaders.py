@@ -294,8 +294,11 @@ def load_checkpoint(
 ) -> CheckpointComponents:
     """Load a single-file checkpoint (ldm layout) or a diffusers folder as ``CheckpointComponents``.
 
-    ``prediction=None`` keeps the architecture's default (SD2 -> the 512 epsilon config).  A ``ztsnr``
-    marker tensor in the file switches the scheduler to zero-terminal-SNR.
+    ``arch``/``variant``/``prediction`` come from detection (``webui.models.detect``) or the user.
+    ``variant=None`` takes the variant the UNet's input channels imply; a variant that contradicts them
+    is an error.  ``prediction=None`` keeps the architecture's default (SD2 -> the 512 epsilon config).
+    A ``ztsnr`` marker tensor in the file switches the scheduler to zero-terminal SNR.  Raises
+    ``ModelLoadError`` naming the file and the problem; never returns randomly initialised weights.
     """
     path = Path(path)
     if path.is_dir():
@@ -352,17 +355,20 @@ def load_checkpoint(
 def load_vae(
     path: str | Path,
     *,
-    arch: Arch = Arch.SD1,
+    arch: Arch | None = Arch.SD1,
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     scaling_factor: float | None = None,
 ) -> torch.nn.Module:
     """A standalone VAE file (ldm ``encoder.down.*`` or diffusers ``encoder.down_blocks.*`` layout).
 
-    ``arch`` picks the latent scaling factor (SDXL 0.13025, SD1/SD2 0.18215) unless ``scaling_factor`` is given.
+    ``arch`` (of the checkpoint it will decode for) picks the latent scaling factor and fp16 upcasting:
+    SDXL/refiner 0.13025, anything else 0.18215; ``scaling_factor`` overrides it.
     """
     path = Path(path)
-    base = configs.load_config(configs.config_key(Arch(arch)), "vae")
+    arch = Arch(arch) if arch is not None else Arch.UNKNOWN
+    key = configs.SDXL_BASE if arch in (Arch.SDXL, Arch.SDXL_REFINER) else configs.SD15  # same VAE layout
+    base = configs.load_config(key, "vae")
     if scaling_factor is not None:
         base["scaling_factor"] = scaling_factor
     state = read_state_dict(path, dtype=dtype, allow_pickle=allow_pickle)
