@@ -7,7 +7,7 @@ import pytest
 
 from webui.types import GenerationRequest, JobState
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 
 def open_ui(page, app):
@@ -77,9 +77,11 @@ def test_live_preview_and_interrupt(page, ui_app, screenshots):
     page.locator("#txt2img_generate").click()
     wait_progress(page, r"^Step \d+/150 · Batch 1/1")
     page.locator("#txt2img_preview img").wait_for()  # the live preview is showing
+    assert page.locator("#txt2img_generate").is_disabled()  # no double submits from this tab
     page.screenshot(path=str(screenshots / "txt2img_running.png"), full_page=True)
     page.locator("#txt2img_interrupt").click()
     wait_progress(page, r"^Interrupted", timeout=120_000)
+    page.wait_for_function("() => !document.querySelector('#txt2img_generate').disabled")
     job = [j for j in ui_app.ctx.worker.jobs() if getattr(j.request, "prompt", None) == "interrupt me"][-1]
     assert job.state is JobState.INTERRUPTED
     assert job.progress.step < 150
@@ -90,6 +92,7 @@ def test_bad_size_shows_the_request_error(page, ui_app):
     set_number(page, "txt2img_width", 100)
     page.locator("#txt2img_generate").click()
     page.get_by_text("width 100 is not a multiple of 8; use 96 or 104").first.wait_for()
+    page.wait_for_function("() => !document.querySelector('#txt2img_generate').disabled")
 
 
 def test_png_info_sends_parameters_to_txt2img(page, ui_app):

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from tests.fixtures import factory
+from webui.models import tiny
 from webui import configs
 
 HEADERS = Path(__file__).resolve().parents[1] / "fixtures" / "headers"
@@ -43,7 +44,7 @@ def test_bundled_configs_build_the_real_models(key):
                   "vae": AutoencoderKL.from_config(configs.load_config(key, "vae"))}
         for name in ("text_encoder", "text_encoder_2"):
             if name in configs.components(key):
-                models[name] = factory._text_model(configs.load_config(key, name))
+                models[name] = tiny._text_model(configs.load_config(key, name))
     sizes = {n: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for n, m in models.items()}
     assert sizes == REAL_SIZES[key]
 

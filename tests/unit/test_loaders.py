@@ -95,7 +95,7 @@ def test_asymmetric_transformer_depths_are_read_from_the_weights():
     """SSD-1B-style UNets (different depths in the up path) need reverse_transformer_layers_per_block."""
     from diffusers import UNet2DConditionModel
 
-    from tests.fixtures import ldm_layout
+    from webui.models import ldm_layout
     from webui.models import ldm_convert
 
     config = dict(block_out_channels=[32, 64, 64], down_block_types=["DownBlock2D"] + ["CrossAttnDownBlock2D"] * 2,

@@ -177,20 +177,27 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         yield _finish_updates(ctx, c, job, last.text if last else "Done")
 
     # inputs_kwargs: the handler gets {field name: value} and API clients see the same names
-    c["generate"].click(generate, inputs_kwargs=fields, outputs=outputs, api_name="txt2img",
-                        concurrency_limit=None, show_progress="hidden")
-    c["prompt"].submit(generate, inputs_kwargs=fields, outputs=outputs, api_visibility="private",
-                       concurrency_limit=None, show_progress="hidden")
+    # In the page Generate is disabled while this tab's job runs (API clients call /txt2img directly and
+    # may queue several); .then runs even when generate raised.
+    c["generate"].click(
+        lambda: gr.update(interactive=False), outputs=[c["generate"]], queue=False, api_visibility="private",
+        show_progress="hidden",
+    ).then(
+        generate, inputs_kwargs=fields, outputs=outputs, api_name="txt2img", concurrency_limit=None,
+        show_progress="hidden",
+    ).then(
+        lambda: gr.update(interactive=True), outputs=[c["generate"]], queue=False, api_visibility="private",
+        show_progress="hidden",
+    )
 
     def own_job(job_id: str | None, request: gr.Request) -> Any:
-        """This session's job: the id kept in State, else its newest unfinished job (API clients)."""
+        """This session's job: the one in State, else its running one, else its next queued (API clients)."""
         session = session_id(request)
         job = ctx.worker.get(job_id) if job_id else None
-        if job is None:
-            mine = [j for j in ctx.worker.jobs() if j.client == session and not j.state.finished]
-            job = mine[-1] if mine else None
         if job is None or job.client != session or job.state.finished:
-            return None
+            mine = [j for j in ctx.worker.jobs() if j.client == session and not j.state.finished]
+            mine.sort(key=lambda j: (j.state is not JobState.RUNNING, j.number))
+            job = mine[0] if mine else None
         return job
 
     def interrupt(job_id: str | None, request: gr.Request) -> str:
