@@ -18,6 +18,8 @@ HERE = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     apply_offline_env()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpcore", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_arg_parser().parse_args(argv)
     default_data_dir = HERE
     if args.demo and not args.data_dir:

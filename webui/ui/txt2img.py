@@ -178,17 +178,18 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
 
     # inputs_kwargs: the handler gets {field name: value} and API clients see the same names
     # In the page Generate is disabled while this tab's job runs (API clients call /txt2img directly and
-    # may queue several); .then runs even when generate raised.
-    c["generate"].click(
+    # may queue several).  Re-enabled on success AND on failure: Gradio 6.31's frontend does not run
+    # `.then` listeners after an event that raised, although the docstring says it does.
+    running = c["generate"].click(
         lambda: gr.update(interactive=False), outputs=[c["generate"]], queue=False, api_visibility="private",
         show_progress="hidden",
     ).then(
         generate, inputs_kwargs=fields, outputs=outputs, api_name="txt2img", concurrency_limit=None,
         show_progress="hidden",
-    ).then(
-        lambda: gr.update(interactive=True), outputs=[c["generate"]], queue=False, api_visibility="private",
-        show_progress="hidden",
     )
+    for after in (running.success, running.failure):
+        after(lambda: gr.update(interactive=True), outputs=[c["generate"]], queue=False, api_visibility="private",
+              show_progress="hidden")
 
     def own_job(job_id: str | None, request: gr.Request) -> Any:
         """This session's job: the one in State, else its running one, else its next queued (API clients)."""
