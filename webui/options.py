@@ -76,6 +76,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("default_sampler", "Euler a", str, "Default sampler", "Sampling"),
     OptionSpec("default_schedule", "Automatic", str, "Default schedule type", "Sampling"),
     OptionSpec("lora_stack_size", 3, int, "LoRA slots in the UI", "LoRA", 1, 16),
+    OptionSpec("ESRGAN_tile", 192, int, "Tile size for upscaler models (0 = no tiling)", "Upscaling", 0, 4096),
+    OptionSpec("ESRGAN_tile_overlap", 8, int, "Tile overlap for upscaler models (pixels)", "Upscaling", 0, 256),
 )
 
 SPECS_BY_KEY: Mapping[str, OptionSpec] = {spec.key: spec for spec in OPTION_SPECS}

@@ -102,6 +102,18 @@ class GenerationRequest:
     preview_every: int | None = None  # None: the live-preview option; 0 disables previews for this job
     styles: tuple[str, ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default=())  # plugin/script fields, hashable
+    # hires fix (A1111 names); see webui.generation.hires
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = 0  # 0: same as steps
+    hr_resize_x: int = 0  # 0 and 0: use hr_scale
+    hr_resize_y: int = 0
+    denoising_strength: float = 0.7
+    hr_sampler_name: str | None = None  # None: same as sampler
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""  # "": same as prompt
+    hr_negative_prompt: str = ""
 
     job_kind = "txt2img"  # class attribute, not a field
 
@@ -131,6 +143,8 @@ class GenerationRequest:
             object.__setattr__(self, "loras", tuple(self.loras))
         if not isinstance(self.styles, tuple):
             object.__setattr__(self, "styles", tuple(self.styles))
+        if self.enable_hr:
+            _validate_hires(self)
 
     @property
     def image_count(self) -> int:
@@ -142,6 +156,23 @@ class GenerationRequest:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
+
+
+LATENT_UPSCALE_MODES = ("Latent", "Latent (nearest-exact)", "Latent (bicubic antialiased)")
+
+
+def _validate_hires(request: "GenerationRequest") -> None:
+    _check_range("hr_scale", request.hr_scale, 1.0, 4.0)
+    _check_range("hr_second_pass_steps", request.hr_second_pass_steps, 0, MAX_STEPS)
+    _check_range("denoising_strength", request.denoising_strength, 0.0, 1.0)
+    for name in ("hr_resize_x", "hr_resize_y"):
+        value = getattr(request, name)
+        if value:
+            _check_range(name, value, 64, MAX_SIDE)
+    if len(request.hr_prompt) > MAX_PROMPT_CHARS or len(request.hr_negative_prompt) > MAX_PROMPT_CHARS:
+        raise RequestError(f"hires prompt is longer than {MAX_PROMPT_CHARS} characters")
+    if not request.hr_upscaler:
+        raise RequestError("hr_upscaler is empty; use 'Latent' or an upscaler name")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,3 +233,52 @@ class GenerationResult:
     parameters: dict[str, Any]  # the request as plain data (A1111 "parameters")
     info: dict[str, Any]  # A1111 "info": seeds, infotexts, model, ...
     interrupted: bool = False
+
+
+MAX_UPSCALE_INPUT_SIDE = 8192
+UPSCALE_RESIZE_MODES = (0, 1)  # 0: scale by factor, 1: scale to width x height (A1111 resize_mode)
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class UpscaleRequest:
+    """An Upscale ("Extras") job: one or more PIL images through upscaler 1 (+ blended upscaler 2)."""
+
+    images: tuple[Any, ...]
+    names: tuple[str, ...] = ()  # original file names, for messages
+    resize_mode: int = 0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str | None = None
+    extras_upscaler_2_visibility: float = 0.0
+    save_images: bool = True
+
+    job_kind = "upscale"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.images, tuple):
+            object.__setattr__(self, "images", tuple(self.images))
+        if not isinstance(self.names, tuple):
+            object.__setattr__(self, "names", tuple(self.names))
+        if not self.images:
+            raise RequestError("no image to upscale: add an image (or a folder of images)")
+        if self.resize_mode not in UPSCALE_RESIZE_MODES:
+            raise RequestError(f"resize_mode must be 0 (scale by) or 1 (scale to), got {self.resize_mode}")
+        _check_range("upscaling_resize", self.upscaling_resize, 0.05, 16.0)
+        _check_range("extras_upscaler_2_visibility", self.extras_upscaler_2_visibility, 0.0, 1.0)
+        if self.resize_mode == 1:
+            _check_range("upscaling_resize_w", self.upscaling_resize_w, 1, 16384)
+            _check_range("upscaling_resize_h", self.upscaling_resize_h, 1, 16384)
+        for index, image in enumerate(self.images):
+            label = self.names[index] if index < len(self.names) else f"image {index + 1}"
+            size = getattr(image, "size", None)
+            if not size or len(size) != 2:
+                raise RequestError(f"{label}: not an image")
+            width, height = size
+            if width < 1 or height < 1:
+                raise RequestError(f"{label}: empty image ({width}x{height})")
+            if max(width, height) > MAX_UPSCALE_INPUT_SIDE:
+                raise RequestError(f"{label} is {width}x{height}; the largest input side is "
+                                   f"{MAX_UPSCALE_INPUT_SIDE}. Downscale it or split it first.")

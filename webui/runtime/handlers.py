@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from webui.types import GenerationRequest, LoadModelRequest
+from webui.types import GenerationRequest, LoadModelRequest, UpscaleRequest
 
 if TYPE_CHECKING:
     from webui.context import AppContext
@@ -46,4 +46,9 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
         return {"checkpoint": model.name, "vae": model.vae_name, "seconds": model.load_seconds,
                 "cache_hit": model.cache_hit}
 
-    return {GenerationRequest: generate, LoadModelRequest: load_model}
+    def upscale(job: "Job", control: "JobControl"):
+        from webui.generation.upscale_job import run_upscale_job
+
+        return run_upscale_job(ctx, job.request, control, _run_options(ctx))
+
+    return {GenerationRequest: generate, LoadModelRequest: load_model, UpscaleRequest: upscale}

@@ -34,6 +34,10 @@ def _choices(ctx: Any, spec: OptionSpec) -> list[str] | None:
     return make() if make else None
 
 
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _widget(ctx: Any, spec: OptionSpec, value: Any) -> Any:
     common = {"label": spec.label, "elem_id": f"setting_{spec.key}"}
     choices = _choices(ctx, spec)
@@ -46,10 +50,10 @@ def _widget(ctx: Any, spec: OptionSpec, value: Any) -> Any:
         return gr.Checkbox(value=bool(value), **common)
     if spec.kind in (int, float):
         # bounds are checked by the options store, so a bad value gets its OptionError message
-        bounds = [f">= {spec.minimum:g}" if spec.minimum is not None else "",
-                  f"<= {spec.maximum:g}" if spec.maximum is not None else ""]
-        return gr.Number(value=value, precision=0 if spec.kind is int else None,
-                         info=", ".join(b for b in bounds if b) or None, **common)
+        bounds = [f"{op} {_num(limit)}" for op, limit in ((">=", spec.minimum), ("<=", spec.maximum))
+                  if limit is not None]
+        return gr.Number(value=value, precision=0 if spec.kind is int else None, info=", ".join(bounds) or None,
+                         **common)
     return gr.Textbox(value="" if value is None else str(value), **common)
 
 
