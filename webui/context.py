@@ -35,6 +35,8 @@ class AppContext:
     worker: Worker
     downloads: StarterDownloads
     messages: list[str] = field(default_factory=list)  # start-up notes shown in the UI (empty models/, ...)
+    plugins: Any = None  # webui.plugins.manager.PluginManager (extensions), set by create()
+    lora_library: Any = None  # webui.lora_library.LoraLibrary (LoRA browser: index, bookmarks, usage), set by create()
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -57,6 +59,13 @@ class AppContext:
             downloads=StarterDownloads(settings.ckpt_dir, on_done=lambda _path: catalog.refresh("checkpoint")),
             messages=list(options.load_warnings),
         )
+        from webui.plugins.manager import from_settings as plugins_from_settings
+
+        ctx.plugins = plugins_from_settings(settings, options.get).load()
+        from webui.lora_library import LoraLibrary
+
+        ctx.lora_library = LoraLibrary.from_settings(settings, catalog.roots("lora"))  # scans lazily
+        ctx.messages.extend(options.add_specs(ctx.plugins.option_specs()))
         for request_type, handler in build_handlers(ctx).items():
             ctx.worker.register(request_type, handler)
         if start_worker:
@@ -65,6 +74,8 @@ class AppContext:
 
     def close(self) -> None:
         self.worker.stop()
+        if self.lora_library is not None:
+            self.lora_library.close()
 
     # ---- models ---------------------------------------------------------------------------
     def checkpoints(self) -> list[ModelRecord]:
@@ -113,7 +124,8 @@ class AppContext:
             changes["checkpoint"] = checkpoint
         if request.vae is None:
             changes["vae"] = self.options.get("sd_vae") or AUTOMATIC_VAE
-        return request.with_changes(**changes) if changes else request
+        request = request.with_changes(**changes) if changes else request
+        return self.plugins.modify_request(request) if self.plugins is not None else request
 
     def submit(self, request: Any, *, client: str | None = None) -> Job:
         if isinstance(request, GenerationRequest):

@@ -129,9 +129,35 @@ class OptionsStore:
         """Coerce known keys; unknown keys pass through unchanged (A1111 clients send many)."""
         clean = {}
         for key, value in changes.items():
-            spec = SPECS_BY_KEY.get(key)
+            spec = SPECS_BY_KEY.get(key) or getattr(self, "_extra_specs", {}).get(key)
             clean[key] = spec.coerce(value) if spec else value
         return clean
+
+    def add_specs(self, specs: Iterable[OptionSpec]) -> list[str]:
+        """Options contributed by extensions: validated like ours, stored with the unknown keys.
+
+        A saved value that no longer validates falls back to the spec's default; returns warnings.
+        """
+        warnings = []
+        with self._lock:
+            self._extra_specs = {**getattr(self, "_extra_specs", {})}
+            for spec in specs:
+                if spec.key in SPECS_BY_KEY or spec.key in self._extra_specs:
+                    warnings.append(f"option {spec.key!r} is defined twice; the extension's spec is ignored")
+                    continue
+                self._extra_specs[spec.key] = spec
+                if spec.key in self._unknown:
+                    try:
+                        self._unknown[spec.key] = spec.coerce(self._unknown[spec.key])
+                    except OptionError as exc:
+                        warnings.append(f"{exc}; using the default {spec.default!r}")
+                        self._unknown[spec.key] = spec.default
+                else:
+                    self._unknown[spec.key] = spec.default
+        return warnings
+
+    def extra_specs(self) -> list[OptionSpec]:
+        return list(getattr(self, "_extra_specs", {}).values())
 
     def update(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Validate everything first, then apply and save; returns the coerced changes."""

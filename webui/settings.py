@@ -78,6 +78,7 @@ class Settings:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto | fp32 | fp16 | bf16
     extra_ckpt_dirs: tuple[Path, ...] = field(default=())
+    extensions_dir: Path | None = None  # None: <data_dir>/extensions (webui.plugins.manager.default_folders)
 
     @property
     def listens_publicly(self) -> bool:
@@ -135,7 +136,8 @@ class Settings:
             "esrgan_dir": models / MODEL_FOLDERS["esrgan"],
             "controlnet_dir": models / MODEL_FOLDERS["controlnet"],
         }
-        values = {"data_dir": data_dir, "outdir": data_dir / "outputs", **dirs}
+        values = {"data_dir": data_dir, "outdir": data_dir / "outputs", "extensions_dir": data_dir / "extensions",
+                  **dirs}
         values.update(overrides)
         return cls(**values)
 
@@ -160,6 +162,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--nowebui", action="store_true", help="serve only the API")
     p.add_argument("--insecure", action="store_true", help="allow --listen/--share without credentials")
     p.add_argument("--enable-insecure-extension-access", action="store_true")
+    p.add_argument("--extensions-dir", help="folder of installed extensions (default: <data-dir>/extensions)")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (loaded with weights_only)")
     p.add_argument("--demo", action="store_true", help="create tiny random-weight demo models (they make noise)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -179,6 +182,7 @@ def settings_from_args(args: argparse.Namespace, *, default_data_dir: Path) -> S
         ("esrgan_models_path", "esrgan_dir"),
         ("controlnet_dir", "controlnet_dir"),
         ("outdir", "outdir"),
+        ("extensions_dir", "extensions_dir"),
     ):
         value = getattr(args, flag)
         if value:

@@ -52,10 +52,13 @@ class LoraRef:
     name: str
     weight: float = 1.0
     te_weight: float | None = None  # None: same as weight
+    block_weights: str | None = None  # LBW preset name ("MIDD") or "1,0,..." vector; None: all blocks 1
 
     def __post_init__(self) -> None:
         if not self.name:
             raise RequestError("LoRA name is empty")
+        if self.block_weights is not None and not str(self.block_weights).strip():
+            object.__setattr__(self, "block_weights", None)
         for label, value in (("weight", self.weight), ("text-encoder weight", self.te_weight)):
             if value is not None and not -4.0 <= value <= 4.0:
                 raise RequestError(f"LoRA {self.name!r}: {label} {value} is outside -4..4")
@@ -164,7 +167,7 @@ LATENT_UPSCALE_MODES = ("Latent", "Latent (nearest-exact)", "Latent (bicubic ant
 def _validate_hires(request: "GenerationRequest") -> None:
     _check_range("hr_scale", request.hr_scale, 1.0, 4.0)
     _check_range("hr_second_pass_steps", request.hr_second_pass_steps, 0, MAX_STEPS)
-    _check_range("denoising_strength", request.denoising_strength, 0.0, 1.0)
+    _check_range("denoising_strength", request.denoising_strength, 0.01, 1.0)
     for name in ("hr_resize_x", "hr_resize_y"):
         value = getattr(request, name)
         if value:

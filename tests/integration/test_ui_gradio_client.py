@@ -84,8 +84,10 @@ def test_api_names_and_parameters(client):
     assert {"/txt2img", "/txt2img_interrupt", "/txt2img_skip", "/set_checkpoint", "/set_vae", "/refresh_models",
             "/png_info", "/apply_settings"} <= set(api)
     params = [p["parameter_name"] for p in api["/txt2img"]["parameters"]]
-    assert params == ["prompt", "negative_prompt", "steps", "sampler", "schedule", "width", "height", "cfg_scale",
-                      "seed", "n_iter", "batch_size", "clip_skip"]
+    assert params[:12] == ["prompt", "negative_prompt", "steps", "sampler", "schedule", "width", "height",
+                           "cfg_scale", "seed", "n_iter", "batch_size", "clip_skip"]
+    assert {"enable_hr", "hr_scale", "hr_upscaler", "denoising_strength"} <= set(params)  # hires-fix accordion
+    assert "/upscale" in api
 
 
 def test_txt2img_returns_image_with_parsable_infotext(client):

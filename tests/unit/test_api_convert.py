@@ -134,9 +134,11 @@ def test_invalid_values_raise_request_error(fields, message):
         conv(**fields)
 
 
-def test_hires_and_refiner_are_not_available_yet():
-    with pytest.raises(NotAvailable, match="enable_hr"):
-        conv(enable_hr=True)
+def test_hires_converts_and_refiner_is_not_available_yet():
+    request = conv(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (nearest-exact)", denoising_strength=0.4,
+                   hr_sampler_name="Use same sampler").request
+    assert request.enable_hr and request.hr_scale == 1.5 and request.denoising_strength == 0.4
+    assert request.hr_upscaler == "Latent (nearest-exact)" and request.hr_sampler_name is None
     with pytest.raises(NotAvailable, match="refiner"):
         conv(refiner_checkpoint="refiner.safetensors")
     assert conv(refiner_checkpoint="None", enable_hr=False).request.steps == 50

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from webui.api import a1111, a1111_models, docs, files, jobs, options_api
+from webui.api import a1111, a1111_models, docs, extras, files, jobs, options_api
 from webui.api.auth import BasicAuth
 from webui.api.routing import DEFAULT_MAX_BODY, RouteConfig, Waiter, route_class
 
@@ -25,12 +25,15 @@ def install_routes(app: FastAPI, ctx, *, max_body: int = DEFAULT_MAX_BODY) -> No
     if ctx.settings.api_enabled:
         routers.append(a1111.build_router(ctx, route_cls, waiter))
         routers.append(a1111_models.build_router(ctx, route_cls, waiter))
+        routers.append(extras.build_router(ctx, route_cls, waiter))
     routers.append(jobs.build_router(ctx, route_cls, waiter))
     routers.append(options_api.build_router(ctx, route_cls, waiter))
     routers.append(files.build_router(ctx, route_cls))
     for router in routers:  # each is built with strict_content_type=False: A1111 clients omit Content-Type
         app.include_router(router)
     docs.install(app, routers, route_cls)
+    if getattr(ctx, "plugins", None) is not None:  # /ext/<name>/... from extensions, same auth + body limit
+        ctx.plugins.install_routes(app, route_cls)
 
 
 __all__ = ["install_routes"]

@@ -22,8 +22,6 @@ NO_VAE_NAMES = ("", "None", "Automatic")
 
 NOT_YET = {
     "/img2img": "img2img (and inpainting) is not available yet in this version of the WebUI; txt2img is.",
-    "/extra-single-image": "extras (upscaling) is not available yet in this version of the WebUI.",
-    "/extra-batch-images": "extras (upscaling) is not available yet in this version of the WebUI.",
 }
 
 

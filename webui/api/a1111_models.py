@@ -183,7 +183,9 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
 
     @router.get("/upscalers", response_model=list[UpscalerItem])
     def upscalers():
-        return upscaler_items(ctx.settings.esrgan_dir)
+        from webui.generation.upscale_job import upscaler_entries
+
+        return [entry.as_api() for entry in upscaler_entries(ctx)]
 
     @router.get("/realesrgan-models")
     def realesrgan_models():
@@ -232,7 +234,11 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
                        ("/refresh-loras", ModelKind.LORA.value), ("/refresh-embeddings", ModelKind.EMBEDDING.value)):
         router.add_api_route(path, refresher(kind), methods=["POST"], summary=f"Rescan the {kind} folder")
 
-    empty_lists = ("/prompt-styles", "/face-restorers", "/hypernetworks", "/latent-upscale-modes", "/script-info",
+    from webui.generation.hires import LATENT_MODES
+
+    router.add_api_route("/latent-upscale-modes", lambda: [{"name": name} for name in LATENT_MODES],
+                         methods=["GET"], summary="Latent upscale modes for the hires fix")
+    empty_lists = ("/prompt-styles", "/face-restorers", "/hypernetworks", "/script-info",
                    "/extensions")
     for path in empty_lists:
         router.add_api_route(path, lambda: [], methods=["GET"], summary="Not in this version: always empty")

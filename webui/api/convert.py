@@ -120,14 +120,30 @@ def _override(overrides: Mapping[str, Any], key: str) -> Any:
 
 
 def _unsupported(body: Txt2ImgRequest) -> None:
-    if body.enable_hr:
-        raise NotAvailable("hires fix (enable_hr) is not available yet in this version; send enable_hr: false")
+    if body.enable_hr and body.hr_checkpoint_name and body.hr_checkpoint_name.strip() not in ("", "Use same checkpoint"):
+        raise NotAvailable("a separate hires checkpoint (hr_checkpoint_name) is not available yet in this version")
     if body.refiner_checkpoint and body.refiner_checkpoint.strip() not in ("", "None"):
         raise NotAvailable("the SDXL refiner (refiner_checkpoint) is not available yet in this version")
     if body.script_name:
         raise RequestError(f"script {body.script_name!r} not found: this version has no scripts")
     for name in body.alwayson_scripts or {}:
         raise RequestError(f"always on script {name!r} not found: this version has no always-on scripts")
+
+
+def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111 hires-fix fields -> GenerationRequest fields (only when ``enable_hr``)."""
+    if not body.enable_hr:
+        return {}
+    same = ("", "Use same sampler", "Use same scheduler")
+    hr_sampler = body.hr_sampler_name if body.hr_sampler_name not in (None, *same) else None
+    hr_schedule = body.hr_scheduler if body.hr_scheduler not in (None, *same) else None
+    if hr_sampler is not None:
+        hr_sampler, hr_schedule = resolve_sampler(hr_sampler, hr_schedule or "Automatic")
+    return {"enable_hr": True, "hr_scale": _or(body.hr_scale, 2.0), "hr_upscaler": body.hr_upscaler or "Latent",
+            "hr_second_pass_steps": _or(body.hr_second_pass_steps, 0), "hr_resize_x": _or(body.hr_resize_x, 0),
+            "hr_resize_y": _or(body.hr_resize_y, 0), "denoising_strength": _or(body.denoising_strength, 0.7),
+            "hr_sampler_name": hr_sampler, "hr_scheduler": hr_schedule,
+            "hr_prompt": body.hr_prompt or "", "hr_negative_prompt": body.hr_negative_prompt or ""}
 
 
 def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults()) -> Txt2ImgConversion:
@@ -165,6 +181,7 @@ def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults())
         vae=vae or None,
         save_images=bool(body.save_images),  # A1111: do_not_save_samples = not save_images
         styles=tuple(str(s) for s in (body.styles or ())),
+        **_hires_fields(body),
     )
     keep = {}
     if body.override_settings_restore_afterwards is False:
@@ -212,7 +229,7 @@ def a1111_info(result: Any, request: GenerationRequest, *, job_id: str | None = 
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": request.denoising_strength if request.enable_hr else None,
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": [],

@@ -18,9 +18,9 @@ from webui.options import OPTION_SPECS
 PREFIX = "/webui/v1"
 
 
-def option_specs() -> list[dict[str, Any]]:
+def option_specs(extra: Any = ()) -> list[dict[str, Any]]:
     return [{"key": s.key, "label": s.label, "section": s.section, "type": s.kind.__name__, "default": s.default,
-             "minimum": s.minimum, "maximum": s.maximum} for s in OPTION_SPECS]
+             "minimum": s.minimum, "maximum": s.maximum} for s in (*OPTION_SPECS, *extra)]
 
 
 def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
@@ -28,7 +28,8 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
 
     @router.get("/options", summary="Every option value and the spec of each known key")
     def get_options() -> dict[str, Any]:
-        return {"values": convert.plain(ctx.options.as_dict()), "specs": convert.plain(option_specs())}
+        specs = option_specs(ctx.options.extra_specs())  # + settings contributed by extensions
+        return {"values": convert.plain(ctx.options.as_dict()), "specs": convert.plain(specs)}
 
     @router.post("/options", summary="Validate, apply (loading a new model first) and save options",
                  responses={422: {"description": "invalid value or unknown model; nothing is saved"}})

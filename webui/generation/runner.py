@@ -20,6 +20,7 @@ from webui.generation.previews import latent_preview
 from webui.generation.samplers import make_scheduler, resolve as resolve_sampler
 from webui.io.images import save_image
 from webui.io.metadata import build_infotext, infotext_params
+from webui.prompt.parser import append_lora_tags
 from webui.types import GeneratedImage, GenerationRequest, GenerationResult, Progress
 
 VERSION = "webui 0.1.0"
@@ -35,13 +36,16 @@ class RunOptions:
     save: bool = True
     previews: bool = True
     preview_every: int = 1
+    plugins: Any = None  # PluginManager: on_step / postprocess_image hooks (None: no extensions)
+    hires: Any = None  # webui.generation.hires.HiresTools (image upscalers for the hires fix)
 
 
 class StepReporter:
     """The per-step callback: progress, previews, Interrupt/Skip, prompt-schedule switches."""
 
     def __init__(self, *, control: Any, model: Any, request: GenerationRequest, batch_index: int,
-                 started: float, schedule_switches: dict[int, dict[str, torch.Tensor]], preview_every: int):
+                 started: float, schedule_switches: dict[int, dict[str, torch.Tensor]], preview_every: int,
+                 plugins: Any = None):
         self.control = control
         self.model = model
         self.request = request
@@ -50,6 +54,7 @@ class StepReporter:
         self.switches = schedule_switches
         self.preview_every = preview_every
         self.skipped = False
+        self.plugins = plugins
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         request, done_step = self.request, step + 1
@@ -66,6 +71,8 @@ class StepReporter:
             changes["preview"] = latent_preview(tensors["latents"], self.model.arch)
             changes["preview_step"] = done
         self.control.update(**changes)
+        if self.plugins is not None:
+            self.plugins.on_step(Progress(**changes), request)
         if self.control.interrupted:
             pipe._interrupt = True
         elif self.control.consume_skip():
@@ -128,6 +135,12 @@ def _batched_cfg(kwargs: dict[str, torch.Tensor], batch: int, cfg: bool) -> dict
     return out
 
 
+def _hires_extra(request: GenerationRequest) -> dict[str, Any]:
+    from webui.generation.hires import infotext_extra
+
+    return infotext_extra(request)
+
+
 def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: RunOptions,
                 loras: Any = None) -> GenerationResult:
     """``loras``: the manager's LoraApplication for this job (hashes for infotext, warnings)."""
@@ -170,7 +183,8 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
         switches = {end + 1: _batched_cfg(schedule[i + 1][1], request.batch_size, cfg_on)
                     for i, (end, _) in enumerate(schedule[:-1])}
         reporter = StepReporter(control=control, model=model, request=request, batch_index=batch_index,
-                                started=started, schedule_switches=switches, preview_every=preview_every)
+                                started=started, schedule_switches=switches, preview_every=preview_every,
+                                plugins=options.plugins)
         control.update(step=0, total_steps=request.steps, batch_index=batch_index, batch_count=request.n_iter,
                        text=f"batch {batch_index + 1}/{request.n_iter}")
         tensor_inputs = ["latents", *sorted({k for sw in switches.values() for k in sw})]
@@ -192,16 +206,26 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
             break
         if reporter.skipped:
             continue
+        if request.enable_hr:  # 4b. hires fix: upscale + second pass (webui.generation.hires)
+            from webui.generation.hires import run_hires
+
+            latents, interrupted = run_hires(model=model, request=request, latents=latents, seeds=batch_seeds,
+                                             control=control, started=started, tools=options.hires)
+            if interrupted:
+                break
         # 5. Decode, infotext, save.
         for offset, image in enumerate(decode(pipe, latents)):
             seed = batch_seeds[offset]
+            if options.plugins is not None:
+                image = options.plugins.postprocess_image(image, seed=seed, index=lo + offset, request=request)
             params = infotext_params(
                 request, seed=seed, subseed=subseeds[lo + offset], sampler=choice.sampler,
                 schedule=choice.schedule, model_name=Path(model.record.name).name, model_hash=model.model_hash,
                 vae_name=model.vae_record.name if model.vae_record else None, version=VERSION,
-                lora_hashes=loras.hashes if loras else None,
+                lora_hashes=loras.hashes if loras else None, extra=_hires_extra(request),
             )
-            infotext = build_infotext(request.prompt, request.negative_prompt, params)
+            infotext = build_infotext(append_lora_tags(request.prompt, request.loras), request.negative_prompt,
+                                      params)  # slot LoRAs as <lora:> tags: the prompt restores the stack
             path = None
             if options.save and request.save_images:
                 path = str(save_image(image, outdir=options.outdir, mode="txt2img", infotext=infotext,
@@ -231,6 +255,7 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
         "infotexts": [img.infotext for img in images],
         "seconds": round(time.perf_counter() - started, 3),
         "warnings": list(loras.warnings) if loras else [],
+        "lora_layers": {k: list(v) for k, v in getattr(loras, "matched", {}).items()} if loras else {},
         "version": VERSION,
     }
     parameters = {k: v for k, v in asdict(request).items() if k not in ("extra",)}

@@ -9,6 +9,7 @@ Worker thread only (torch).
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,28 +31,21 @@ class TileInterrupted(Exception):
     pass
 
 
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
+def _layout(length: int, tile: int, overlap: int) -> tuple[list[int], int]:
+    """(tile starts, tile size) along one axis: the fewest tiles of at most ``tile`` pixels that overlap by
+    at least ``overlap``, made equal in size and evenly spaced (no thin last tile recomputing a whole one)."""
     if length <= tile:
-        return [0]
-    stride = max(1, tile - overlap)
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
-def _ramp(length: int, lo_fade: int, hi_fade: int, device: Any) -> torch.Tensor:
-    w = torch.ones(length, device=device)
-    if lo_fade > 0:
-        w[:lo_fade] = torch.linspace(0, 1, lo_fade + 2, device=device)[1:-1]
-    if hi_fade > 0:
-        w[length - hi_fade:] = torch.linspace(1, 0, hi_fade + 2, device=device)[1:-1]
-    return w
+        return [0], length
+    count = math.ceil((length - overlap) / max(1, tile - overlap))
+    size = min(tile, math.ceil((length + (count - 1) * overlap) / count))
+    starts = [round(i * (length - size) / (count - 1)) for i in range(count)]
+    return starts, size
 
 
 def tile_count(height: int, width: int, tile: int, overlap: int) -> int:
     if tile <= 0:
         return 1
-    return len(_starts(height, tile, overlap)) * len(_starts(width, tile, overlap))
+    return len(_layout(height, tile, overlap)[0]) * len(_layout(width, tile, overlap)[0])
 
 
 def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, scale: int, tile: int,
@@ -64,33 +58,69 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *, 
             on_tile(1, 1)
         return fn(x)
     overlap = max(0, min(overlap, tile // 2))
-    ys, xs = _starts(height, tile, overlap), _starts(width, tile, overlap)
+    (ys, tile_h), (xs, tile_w) = _layout(height, tile, overlap), _layout(width, tile, overlap)
     total, done = len(ys) * len(xs), 0
-    out = weight = None
+    out = None
+    # Tiles form a grid, so the blend weight is separable: W(y, x) = Wy(y) * Wx(x).  Each tile's piece is
+    # multiplied by its 1-D ramps only in its fade strips; the sums Wy, Wx normalise at the end (they are 1
+    # everywhere unless the last tile overlaps more than one neighbour).
+    ramps_y = [_edge_ramps(ys, i, tile_h, height, scale) for i in range(len(ys))]
+    ramps_x = [_edge_ramps(xs, i, tile_w, width, scale) for i in range(len(xs))]
     for yi, y0 in enumerate(ys):
         for xi, x0 in enumerate(xs):
             if should_stop and should_stop():
                 raise TileInterrupted()
-            y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
-            piece = fn(x[:, :, y0:y1, x0:x1])
+            y1, x1 = min(y0 + tile_h, height), min(x0 + tile_w, width)
+            piece = fn(x[:, :, y0:y1, x0:x1].contiguous()).float()
             if out is None:
                 out = torch.zeros((1, piece.shape[1], height * scale, width * scale), dtype=torch.float32,
                                   device=piece.device)
-                weight = torch.zeros((1, 1, height * scale, width * scale), dtype=torch.float32, device=piece.device)
-            # fade only where a neighbour overlaps this tile (actual overlap with the previous/next tile)
-            top = (ys[yi - 1] + tile - y0) * scale if yi > 0 else 0
-            bottom = (y1 - ys[yi + 1]) * scale if yi + 1 < len(ys) else 0
-            left = (xs[xi - 1] + tile - x0) * scale if xi > 0 else 0
-            right = (x1 - xs[xi + 1]) * scale if xi + 1 < len(xs) else 0
+            (top, top_w), (bottom, bottom_w) = ramps_y[yi]
+            (left, left_w), (right, right_w) = ramps_x[xi]
             ph, pw = piece.shape[2], piece.shape[3]
-            mask = _ramp(ph, top, bottom, piece.device)[:, None] * _ramp(pw, left, right, piece.device)[None, :]
+            if top:
+                piece[:, :, :top] *= top_w.to(piece.device)[:, None]
+            if bottom:
+                piece[:, :, ph - bottom:] *= bottom_w.to(piece.device)[:, None]
+            if left:
+                piece[:, :, :, :left] *= left_w.to(piece.device)[None, :]
+            if right:
+                piece[:, :, :, pw - right:] *= right_w.to(piece.device)[None, :]
             oy, ox = y0 * scale, x0 * scale
-            out[:, :, oy:oy + ph, ox:ox + pw] += piece.float() * mask
-            weight[:, :, oy:oy + ph, ox:ox + pw] += mask
+            out[:, :, oy:oy + ph, ox:ox + pw] += piece
             done += 1
             if on_tile:
                 on_tile(done, total)
-    return out / weight.clamp_min(1e-8)
+    wy = _weight_sum(ys, ramps_y, tile_h, height, scale)
+    wx = _weight_sum(xs, ramps_x, tile_w, width, scale)
+    if not torch.allclose(wy, torch.ones_like(wy)):
+        out.div_(wy.to(out.device).view(1, 1, -1, 1))
+    if not torch.allclose(wx, torch.ones_like(wx)):
+        out.div_(wx.to(out.device).view(1, 1, 1, -1))
+    return out
+
+
+def _edge_ramps(starts: list[int], i: int, tile: int, length: int, scale: int):
+    """((n_lo, ramp_lo), (n_hi, ramp_hi)) output-pixel fade strips of tile ``i`` (0 where no neighbour)."""
+    start, end = starts[i], min(starts[i] + tile, length)
+    lo = (starts[i - 1] + tile - start) * scale if i > 0 else 0
+    hi = (end - starts[i + 1]) * scale if i + 1 < len(starts) else 0
+    lo_w = torch.linspace(0, 1, lo + 2)[1:-1] if lo > 0 else None
+    hi_w = torch.linspace(1, 0, hi + 2)[1:-1] if hi > 0 else None
+    return (lo, lo_w), (hi, hi_w)
+
+
+def _weight_sum(starts: list[int], ramps: list, tile: int, length: int, scale: int) -> torch.Tensor:
+    total = torch.zeros(length * scale)
+    for start, ((lo, lo_w), (hi, hi_w)) in zip(starts, ramps):
+        n = (min(start + tile, length) - start) * scale
+        w = torch.ones(n)
+        if lo:
+            w[:lo] *= lo_w
+        if hi:
+            w[n - hi:] *= hi_w
+        total[start * scale:start * scale + n] += w
+    return total
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -103,11 +133,12 @@ def model_upscale(descriptor: Any, image: Image.Image, *, tile: int, overlap: in
     """One pass of a spandrel model over an RGB image (x``descriptor.scale``), tiled, OOM-adaptive."""
     import numpy as np
 
-    rgb = image.convert("RGB")
-    arr = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    gray = getattr(descriptor, "input_channels", 3) == 1
+    pixels = np.asarray(image.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
+    arr = torch.from_numpy(pixels[:, :, None] if gray else pixels).permute(2, 0, 1)[None]
     half = device.type == "cuda" and descriptor.supports_half
     dtype = torch.float16 if half else torch.float32
-    model = descriptor.model.to(device=device, dtype=dtype)
+    descriptor.model.to(device=device, dtype=dtype)
     req = descriptor.size_requirements
     h, w = arr.shape[2], arr.shape[3]
     # pad tiny images (e.g. 1x1) up to what the architecture needs, crop the result back
@@ -128,6 +159,12 @@ def model_upscale(descriptor: Any, image: Image.Image, *, tile: int, overlap: in
         with torch.inference_mode():
             return descriptor(t.to(device=device, dtype=dtype)).float()
 
+    with torch.inference_mode():  # in-place blending/conversion on inference tensors
+        return _run_tiles(fn, arr, descriptor, tile, overlap, device, h, w, on_tile, should_stop)
+
+
+def _run_tiles(fn: Callable[[torch.Tensor], torch.Tensor], arr: torch.Tensor, descriptor: Any, tile: int,
+               overlap: int, device: torch.device, h: int, w: int, on_tile: Any, should_stop: Any) -> Image.Image:
     while True:
         try:
             out = tiled_apply(fn, arr, scale=descriptor.scale, tile=tile, overlap=overlap, on_tile=on_tile,
@@ -140,13 +177,14 @@ def model_upscale(descriptor: Any, image: Image.Image, *, tile: int, overlap: in
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            current = tile if tile > 0 else max(arr.shape[2], arr.shape[3])
+            side = max(arr.shape[2], arr.shape[3])
+            current = min(tile, side) if tile > 0 else side
             if current // 2 < MIN_TILE:
                 raise
             tile = current // 2
     s = descriptor.scale
-    out = out[:, :, : h * s, : w * s].clamp(0, 1)
-    data = (out[0].permute(1, 2, 0).cpu().numpy() * 255.0).round().astype(np.uint8)
+    out = out[:, :, : h * s, : w * s].clamp_(0, 1).mul_(255.0).round_().to(torch.uint8)
+    data = out[0].permute(1, 2, 0).cpu().numpy()
     if data.shape[2] == 1:
         data = data[:, :, 0]
     return Image.fromarray(data).convert("RGB")
@@ -179,6 +217,10 @@ def apply_upscaler(entry: UpscalerEntry, image: Image.Image, size: tuple[int, in
         return image if image.size == size else image.resize(size, Image.Resampling.LANCZOS)
     if entry.kind == "resample":
         return image.resize(size, RESAMPLE[entry.name])
+    if entry.kind == "plugin":
+        out = entry.factory(image, max(size[0] / image.width, size[1] / image.height))
+        out = out.convert("RGB") if out.mode != "RGB" else out
+        return out if out.size == size else out.resize(size, Image.Resampling.LANCZOS)
     descriptor = get_descriptor(cache, entry)
     current = image
     for _ in range(MAX_MODEL_PASSES):
@@ -302,7 +344,4 @@ def run_upscale(request: Any, *, entries: list[UpscalerEntry], cache: Any, setti
     parameters = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "images"}
     return GenerationResult(images=tuple(images), parameters=parameters, info=info, interrupted=interrupted)
 
-
-def estimate_tiles(width: int, height: int, tile: int, overlap: int) -> int:
-    return tile_count(height, width, tile, overlap) if tile > 0 else 1
 

@@ -24,7 +24,23 @@ def upscale_settings(ctx: "AppContext") -> UpscaleSettings:
 
 
 def upscaler_entries(ctx: "AppContext") -> list:
-    return list_upscalers(ctx.catalog, ctx.settings.esrgan_dir)
+    """Built-ins, model files, then upscalers from extensions (``webui_upscalers`` hook)."""
+    from webui.generation.upscalers import UpscalerEntry
+
+    entries = list_upscalers(ctx.catalog, ctx.settings.esrgan_dir)
+    plugins = getattr(ctx, "plugins", None)
+    if plugins is not None:
+        taken = {e.name.casefold() for e in entries}
+        try:
+            found = plugins.registry_entries("webui_upscalers")
+        except Exception:  # a broken extension must not hide the built-in upscalers
+            found = []
+        for _extension, item in found:
+            name, factory = getattr(item, "name", None), getattr(item, "factory", None)
+            if name and callable(factory) and name.casefold() not in taken:
+                taken.add(name.casefold())
+                entries.append(UpscalerEntry(name, "plugin", factory=factory))
+    return entries
 
 
 def run_upscale_job(ctx: "AppContext", request: Any, control: Any, options: Any):

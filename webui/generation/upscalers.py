@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pickle
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -30,20 +30,21 @@ class UpscalerError(RequestError):
 @dataclass(frozen=True)
 class UpscalerEntry:
     name: str
-    kind: str  # "none" | "resample" | "model"
+    kind: str  # "none" | "resample" | "model" | "plugin"
     path: Path | None = None
     error: str | None = None
+    factory: Any = field(default=None, compare=False)  # plugin upscalers: factory(image, scale) -> image
 
     @property
     def scale(self) -> int:
         """Nominal scale, guessed from the name (A1111's /upscalers ``scale``); the loaded model knows for sure."""
-        if self.kind != "model":
+        if self.kind not in ("model", "plugin"):
             return 4 if self.kind == "resample" else 1
         match = _SCALE_IN_NAME.search(self.name)
         return int(match.group(1) or match.group(2)) if match else 4
 
     def as_api(self) -> dict[str, Any]:
-        return {"name": self.name, "model_name": None if self.kind != "model" else self.path.stem,
+        return {"name": self.name, "model_name": self.path.stem if self.path else None,
                 "model_path": str(self.path) if self.path else None, "model_url": None, "scale": self.scale}
 
 
@@ -110,7 +111,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
             raise UpscalerError(f"{path.name}: unsupported file type {suffix!r}; use .pth or .safetensors")
     except UpscalerError:
         raise
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise UpscalerError(
             f"{path.name}: refused to load: the file contains pickled objects other than tensors, which could "
             "run code when loaded. Use a .safetensors version of this model.") from None

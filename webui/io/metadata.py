@@ -176,7 +176,18 @@ REQUEST_FIELDS: Mapping[str, tuple[str, type]] = {
     "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float),
     "Batch size": ("batch_size", int),
+    "Denoising strength": ("denoising_strength", float),
+    "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_second_pass_steps", int),
+    "Hires upscaler": ("hr_upscaler", str),
+    "Hires resize-1": ("hr_resize_x", int),
+    "Hires resize-2": ("hr_resize_y", int),
+    "Hires sampler": ("hr_sampler_name", str),
+    "Hires schedule type": ("hr_scheduler", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
 }
+HIRES_KEYS = ("Hires upscale", "Hires resize-1", "Hires upscaler")
 
 
 def _convert(conv: type, value: object) -> object:
@@ -215,6 +226,8 @@ def infotext_to_request_fields(parsed: Mapping[str, Any], *, with_models: bool =
     elif parsed.get("Schedule type"):
         raw = str(parsed["Schedule type"])
         fields["schedule"] = canonical_schedule(raw) or raw
+    if any(key in parsed for key in HIRES_KEYS):
+        fields["enable_hr"] = True
     if with_models:
         name, model_hash = checkpoint_hint(parsed)
         if name or model_hash:

@@ -43,6 +43,7 @@ class LoadedModel:
     load_seconds: float
     cache_hit: bool
     patcher: Any = None  # webui.models.lora.LoraPatcher, created on first LoRA use
+    embeddings: Any = None  # webui.models.embeddings.EmbeddingState of its text encoder(s)
 
     @property
     def arch(self) -> Arch:
@@ -81,6 +82,7 @@ class LoraApplication:
     hashes: dict[str, str]  # name -> sha256[:12] (A1111 "Lora hashes")
     warnings: tuple[str, ...] = ()
     seconds: float = 0.0
+    matched: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # file -> (matched, total) layers
 
 
 def merge_lora_refs(slots: Sequence[LoraRef], tags: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
@@ -98,6 +100,9 @@ class ModelManager:
         self.plan = plan or plan_device(settings.device, settings.precision)
         self.current: LoadedModel | None = None
         self._current_key: tuple | None = None
+        from webui.models.embeddings import EmbeddingLoader
+
+        self._embedding_loader = EmbeddingLoader()
 
     # ---- lookups --------------------------------------------------------------------------
     def _checkpoint_record(self, name: str) -> ModelRecord:
@@ -163,7 +168,7 @@ class ModelManager:
         vae_record = self._vae_record(vae)
         key = (_file_key("checkpoint", record), _file_key("vae", vae_record) if vae_record else None)
         if self.current is not None and self._current_key == key:
-            return self.current
+            return self._sync_embeddings(self.current)
         started = time.perf_counter()
         components, hit = self._checkpoint_components(record)
         vae_module = self._vae_module(vae_record, components.arch) if vae_record is not None else None
@@ -189,7 +194,16 @@ class ModelManager:
         self._current_key = key
         log.info("model ready: %s (vae %s) in %.2fs%s", record.name, self.current.vae_name,
                  self.current.load_seconds, " [RAM cache]" if hit else "")
-        return self.current
+        return self._sync_embeddings(self.current)
+
+    def _sync_embeddings(self, model: LoadedModel) -> LoadedModel:
+        """Textual inversions from models/embeddings: added once per (text encoder, file); misfits skipped."""
+        try:
+            records = self._catalog.list(ModelKind.EMBEDDING.value)
+        except (KeyError, LookupError):
+            records = []
+        model.embeddings = self._embedding_loader.sync(model.pipe, model.components, records)
+        return model
 
     # ---- LoRA ----------------------------------------------------------------------------
     def _lora(self, ref: LoraRef) -> Any:
@@ -215,7 +229,7 @@ class ModelManager:
 
         if not refs and model.patcher is None:
             return LoraApplication(hashes={})
-        entries = [StackEntry(self._lora(ref), ref.weight, ref.te_weight) for ref in refs]
+        entries = [StackEntry(self._lora(ref), ref.weight, ref.te_weight, ref.block_weights) for ref in refs]
         if model.patcher is None:
             pipe = model.pipe
             modules = {"unet": pipe.unet, "te1": pipe.text_encoder}
@@ -225,7 +239,8 @@ class ModelManager:
         report = model.patcher.apply(entries)
         hashes = {e.lora.name.split("/")[-1]: (e.lora.sha256 or "")[:12] for e in entries}
         warnings = tuple(report.warnings) + tuple(w for e in entries for w in e.lora.warnings)
-        return LoraApplication(hashes=hashes, warnings=warnings, seconds=report.seconds)
+        matched = {m.lora: (len(m.matched), m.total) for m in report.matches}
+        return LoraApplication(hashes=hashes, warnings=warnings, seconds=report.seconds, matched=matched)
 
     def _move_current_off_device(self) -> None:
         if self.current is None:

@@ -15,7 +15,7 @@ Typical extension module::
         return [SettingSpec(key="myext_enabled", default=True, label="Enable my extension")]
 
     @hookimpl
-    def webui_prompt_syntax(*, prompt, seed, api):
+    def webui_prompt_syntax(prompt, seed, api):
         return prompt.replace("{cat}", "a cat") if api.option("myext_enabled") else None
 """
 from __future__ import annotations

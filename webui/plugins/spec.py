@@ -1,6 +1,8 @@
 """Hook specifications of the extension API (``API_VERSION`` in ``webui.plugins.api``).
 
-Rules (see ``docs/extensions.md``): every hook is keyword-only; an implementation may accept any subset
+Rules (see ``docs/extensions.md``): the app calls every hook with keyword arguments only, so their order
+never matters; specs and implementations declare them as plain parameters (pluggy reads those, it does
+not see parameters after a bare ``*``).  An implementation may accept any subset
 of a hook's arguments (pluggy "opt-in arguments"), so adding an argument is a minor-version change;
 an implementation that names an argument the spec lacks is refused at load time.  Every hook also gets
 ``api`` (an ``ExtensionAPI`` bound to the calling extension).  The app calls each implementation on its
@@ -27,7 +29,7 @@ hookspec = pluggy.HookspecMarker("webui")
 # ---------------------------------------------------------------------------------------------------
 
 @hookspec
-def webui_settings(*, api: "ExtensionAPI") -> "list[SettingSpec] | None":
+def webui_settings(api: "ExtensionAPI") -> "list[SettingSpec] | None":
     """Settings this extension adds; validated and saved like the app's own options.
 
     Keys must not collide with the app's keys or another extension's (the colliding spec is refused).
@@ -37,7 +39,7 @@ def webui_settings(*, api: "ExtensionAPI") -> "list[SettingSpec] | None":
 
 
 @hookspec
-def webui_ui(*, api: "ExtensionAPI") -> "list[UIPart] | None":
+def webui_ui(api: "ExtensionAPI") -> "list[UIPart] | None":
     """UI parts: a new tab (``UIPart(tab=None)``) or an accordion in an existing tab (``tab="txt2img"``).
 
     .. versionadded:: 1.0
@@ -45,7 +47,7 @@ def webui_ui(*, api: "ExtensionAPI") -> "list[UIPart] | None":
 
 
 @hookspec
-def webui_api_routes(*, router: Any, api: "ExtensionAPI") -> None:
+def webui_api_routes(router: Any, api: "ExtensionAPI") -> None:
     """Add HTTP routes to ``router``, a FastAPI ``APIRouter`` mounted at ``/ext/<name>``.
 
     The app's API credentials (``--api-auth``/``--gradio-auth``) and body limit apply to every route;
@@ -60,7 +62,7 @@ def webui_api_routes(*, router: Any, api: "ExtensionAPI") -> None:
 # ---------------------------------------------------------------------------------------------------
 
 @hookspec
-def webui_modify_request(*, request: "GenerationRequest", api: "ExtensionAPI") -> "GenerationRequest | None":
+def webui_modify_request(request: "GenerationRequest", api: "ExtensionAPI") -> "GenerationRequest | None":
     """Return a changed copy (``request.with_changes(...)``) or ``None``.  Called when a job is submitted,
     after the checkpoint/VAE are resolved and before ``webui_prompt_syntax``.
 
@@ -69,7 +71,7 @@ def webui_modify_request(*, request: "GenerationRequest", api: "ExtensionAPI") -
 
 
 @hookspec
-def webui_prompt_syntax(*, prompt: str, seed: int, negative: bool, api: "ExtensionAPI") -> "str | None":
+def webui_prompt_syntax(prompt: str, seed: int, negative: bool, api: "ExtensionAPI") -> "str | None":
     """Expand custom prompt syntax (wildcards, styles...) in ``prompt`` (called for the positive prompt,
     then with ``negative=True`` for the negative one).  ``seed`` is the job's seed (-1: random).
     Return the new text or ``None``.  The expanded prompt is what the infotext records.
@@ -79,7 +81,7 @@ def webui_prompt_syntax(*, prompt: str, seed: int, negative: bool, api: "Extensi
 
 
 @hookspec
-def webui_on_step(*, progress: "Progress", request: "GenerationRequest", api: "ExtensionAPI") -> None:
+def webui_on_step(progress: "Progress", request: "GenerationRequest", api: "ExtensionAPI") -> None:
     """Observe one finished sampling step (read-only; keep it fast, it runs on the worker thread).
 
     .. versionadded:: 1.0
@@ -87,7 +89,7 @@ def webui_on_step(*, progress: "Progress", request: "GenerationRequest", api: "E
 
 
 @hookspec
-def webui_postprocess_image(*, image: Any, seed: int, index: int, request: "GenerationRequest",
+def webui_postprocess_image(image: Any, seed: int, index: int, request: "GenerationRequest",
                             api: "ExtensionAPI") -> Any:
     """Post-process one decoded image (a PIL image) before its infotext is written and it is saved.
     Return a PIL image or ``None`` (unchanged).  ``index`` counts images within the job.
@@ -97,12 +99,12 @@ def webui_postprocess_image(*, image: Any, seed: int, index: int, request: "Gene
 
 
 # ---------------------------------------------------------------------------------------------------
-# Registries (reserved in 1.0: collected and listed in the Extensions tab; the generation code starts
-# using them in a later 1.x version, which will not change these signatures)
+# Registries: ``webui_upscalers`` is used in 1.0; samplers, schedulers and ControlNet preprocessors are
+# reserved (collected; the generation code starts using them in a later 1.x without changing signatures)
 # ---------------------------------------------------------------------------------------------------
 
 @hookspec
-def webui_samplers(*, api: "ExtensionAPI") -> "list[NamedEntry] | None":
+def webui_samplers(api: "ExtensionAPI") -> "list[NamedEntry] | None":
     """Extra samplers. ``factory(scheduler_config) -> diffusers scheduler``.
 
     .. versionadded:: 1.0 (reserved)
@@ -110,7 +112,7 @@ def webui_samplers(*, api: "ExtensionAPI") -> "list[NamedEntry] | None":
 
 
 @hookspec
-def webui_schedulers(*, api: "ExtensionAPI") -> "list[NamedEntry] | None":
+def webui_schedulers(api: "ExtensionAPI") -> "list[NamedEntry] | None":
     """Extra schedule types (sigma schedules). ``factory(n_steps, sigma_min, sigma_max) -> sigmas``.
 
     .. versionadded:: 1.0 (reserved)
@@ -118,15 +120,17 @@ def webui_schedulers(*, api: "ExtensionAPI") -> "list[NamedEntry] | None":
 
 
 @hookspec
-def webui_upscalers(*, api: "ExtensionAPI") -> "list[NamedEntry] | None":
-    """Extra upscalers. ``factory(image, scale) -> image``.
+def webui_upscalers(api: "ExtensionAPI") -> "list[NamedEntry] | None":
+    """Extra upscalers. ``factory(image, scale) -> image`` (PIL in, PIL out).  Listed in the Upscale tab and
+    the hires-fix upscaler list after the built-ins and model files (a name already taken is skipped); an
+    exception inside ``factory`` fails that upscale job with its message.
 
-    .. versionadded:: 1.0 (reserved)
+    .. versionadded:: 1.0 (in use since 1.0; the other registry hooks below are reserved)
     """
 
 
 @hookspec
-def webui_controlnet_preprocessors(*, api: "ExtensionAPI") -> "list[NamedEntry] | None":
+def webui_controlnet_preprocessors(api: "ExtensionAPI") -> "list[NamedEntry] | None":
     """Extra ControlNet preprocessors. ``factory(image, **params) -> image``.
 
     .. versionadded:: 1.0 (reserved)

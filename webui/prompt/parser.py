@@ -43,12 +43,14 @@ from webui.types import LoraRef, RequestError
 
 __all__ = [
     "BREAK_MARKER",
+    "append_lora_tags",
     "ExtraNetworkTag",
     "ParsedPrompt",
     "entry_at",
     "extract_extra_networks",
     "extract_lora_tags",
     "lora_ref",
+    "lora_tag",
     "parse_attention",
     "parse_prompt",
     "prompt_schedule",
@@ -113,7 +115,31 @@ def lora_ref(tag: ExtraNetworkTag) -> LoraRef:
     unet = _number(tag, positional[2], "unet weight") if len(positional) > 2 else te
     if "unet" in named:
         unet = _number(tag, named["unet"], "unet weight")
-    return LoraRef(name=name, weight=unet, te_weight=None if te == unet else te)
+    blocks = named.get("lbw", "").strip() or None  # A1111 "LoRA Block Weight": lbw=MIDD or lbw=1,0,...
+    return LoraRef(name=name, weight=unet, te_weight=None if te == unet else te, block_weights=blocks)
+
+
+def lora_tag(ref: LoraRef) -> str:
+    """The ``<lora:...>`` tag that ``lora_ref`` reads back as ``ref`` (weights printed with ``%g``)."""
+    parts = [ref.name]
+    if ref.te_weight is not None and ref.te_weight != ref.weight:
+        parts += [f"{ref.te_weight:g}", f"{ref.weight:g}"]
+    else:
+        parts.append(f"{ref.weight:g}")
+    if ref.block_weights:
+        parts.append(f"lbw={ref.block_weights}")
+    return "<lora:" + ":".join(parts) + ">"
+
+
+def append_lora_tags(prompt: str, refs: "tuple[LoraRef, ...] | list[LoraRef]") -> str:
+    """``prompt`` plus a ``<lora:>`` tag for each of ``refs`` (UI slots) that the prompt has no tag for:
+    what the infotext records, so that a pasted infotext restores the whole stack from the prompt alone."""
+    _, tagged = extract_lora_tags(prompt)
+    names = {ref.name for ref in tagged}
+    extra = [lora_tag(ref) for ref in refs if ref.name not in names]
+    if not extra:
+        return prompt
+    return f"{prompt.rstrip()} {' '.join(extra)}" if prompt.strip() else " ".join(extra)
 
 
 def extract_lora_tags(text: str) -> tuple[str, tuple[LoraRef, ...]]:

@@ -21,6 +21,7 @@ def _run_options(ctx: "AppContext"):
         save=bool(ctx.options.get("samples_save")),
         previews=bool(ctx.options.get("live_previews_enable")),
         preview_every=int(ctx.options.get("show_progress_every_n_steps")),
+        plugins=getattr(ctx, "plugins", None),
     )
 
 
@@ -37,7 +38,23 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
         if loras or model.patcher is not None:
             control.update(text=f"applying {len(loras)} LoRA(s)")
         applied = ctx.manager.apply_loras(model, loras)
-        return run_txt2img(model, request, control, _run_options(ctx), loras=applied)
+        if loras and getattr(ctx, "lora_library", None) is not None:
+            ctx.lora_library.record_use(ref.name for ref in loras)  # LoRA browser: most/recently used
+        from webui.models.embeddings import prompt_warnings
+
+        if skipped := prompt_warnings(model.embeddings, request.prompt, request.negative_prompt):
+            from dataclasses import replace as _replace
+
+            applied = _replace(applied, warnings=applied.warnings + skipped)
+        options = _run_options(ctx)
+        if request.enable_hr:
+            from dataclasses import replace
+
+            from webui.generation.hires import HiresTools
+            from webui.generation.upscale_job import upscale_settings, upscaler_entries
+
+            options = replace(options, hires=HiresTools(upscaler_entries(ctx), ctx.cache, upscale_settings(ctx)))
+        return run_txt2img(model, request, control, options, loras=applied)
 
     def load_model(job: "Job", control: "JobControl"):
         request: LoadModelRequest = job.request

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from webui.ui import models_bar, placeholders, png_info, settings_tab, txt2img
+from webui.ui import extensions_tab, models_bar, placeholders, png_info, settings_tab, txt2img, upscale
+from webui.ui import lora_browser
 from webui.ui.common import CSS, Registry, theme
 
 
@@ -29,7 +30,10 @@ def tabs() -> tuple[TabSpec, ...]:
     return (
         TabSpec(txt2img.SECTION, "txt2img", txt2img.render, txt2img.wire),
         *coming,
+        TabSpec(upscale.SECTION, "Upscale", upscale.render, upscale.wire),
+        TabSpec(lora_browser.SECTION, "LoRA", lora_browser.render, lora_browser.wire),
         TabSpec(png_info.SECTION, "PNG info", png_info.render, png_info.wire),
+        TabSpec(extensions_tab.SECTION, "Extensions", extensions_tab.render, extensions_tab.wire),
         TabSpec(settings_tab.SECTION, "Settings", settings_tab.render, settings_tab.wire),
     )
 
@@ -37,12 +41,17 @@ def tabs() -> tuple[TabSpec, ...]:
 def build_ui(ctx: Any) -> gr.Blocks:
     registry = Registry()
     specs = tabs()
+    parts = extensions_tab.ui_parts(ctx)  # extensions' tabs/accordions (webui_ui hook), isolated
     with gr.Blocks(title="WebUI", analytics_enabled=False, fill_width=True) as blocks:
         registry.add(models_bar.SECTION, models_bar.render(ctx))
         with gr.Tabs(elem_id="tabs") as tab_group:
             for spec in specs:
                 with gr.Tab(spec.label, id=spec.key, elem_id=f"tab_{spec.key}"):
                     registry.add(spec.key, spec.render(ctx))
+                    extensions_tab.render_accordions(ctx, registry, spec.key, parts)
+            for key, label, render_part in extensions_tab.extension_tabs(ctx, parts):
+                with gr.Tab(label, id=key, elem_id=f"tab_{key}"):
+                    render_part(ctx, registry)
         registry["tabs"] = tab_group
         models_bar.wire(ctx, registry, blocks)
         for spec in specs:

@@ -9,8 +9,6 @@ import gradio as gr
 COMING: dict[str, tuple[str, str]] = {
     "img2img": ("img2img / edit", "Image to image, sketch and instruct-pix2pix editing"),
     "inpaint": ("Inpaint", "Inpainting with a painted mask, including 9-channel inpaint checkpoints"),
-    "upscale": ("Upscale", "Upscaling with ESRGAN / Real-ESRGAN / SwinIR models from models/ESRGAN"),
-    "lora": ("LoRA", "A LoRA browser with previews, trigger words and per-block weights"),
 }
 
 

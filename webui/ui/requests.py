@@ -39,7 +39,7 @@ _DEFAULTS = GenerationRequest()
 
 
 def _label(name: str) -> str:
-    return TXT2IMG_FIELDS.get(name, name)
+    return TXT2IMG_FIELDS.get(name) or HIRES_FIELDS.get(name, name)
 
 
 def as_int(name: str, value: Any, default: int) -> int:
@@ -102,6 +102,11 @@ def txt2img_request(
         fields["sampler"] = str(options.get("default_sampler") or _DEFAULTS.sampler)
     if "schedule" in fields and not fields["schedule"].strip():
         fields["schedule"] = str(options.get("default_schedule") or _DEFAULTS.schedule)
+    from webui.ui.lora_stack import slots_to_refs
+
+    loras = slots_to_refs(values)
+    if loras:
+        fields["loras"] = loras
     return GenerationRequest(
         **fields,
         checkpoint=checkpoint or None,
@@ -128,4 +133,41 @@ def txt2img_field_values(fields: Mapping[str, Any]) -> dict[str, Any]:
                 out[name] = str(value)
         except RequestError:
             continue
+    return out
+
+
+# ---- hires fix (txt2img accordion, webui/ui/hires.py) -------------------------------------------
+HIRES_FIELDS: Mapping[str, str] = {
+    "enable_hr": "Hires. fix",
+    "hr_upscaler": "Upscaler",
+    "hr_second_pass_steps": "Hires steps",
+    "denoising_strength": "Denoising strength",
+    "hr_scale": "Upscale by",
+    "hr_resize_x": "Resize width to",
+    "hr_resize_y": "Resize height to",
+    "hr_sampler_name": "Hires sampling method",
+    "hr_scheduler": "Hires schedule type",
+    "hr_prompt": "Hires prompt",
+    "hr_negative_prompt": "Hires negative prompt",
+}
+HIRES_SAME = "Use same"  # dropdown value meaning "the first pass's sampler/schedule"
+
+
+def hires_fields(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Hires widgets' ``{name: value}`` -> ``GenerationRequest`` fields (empty when the accordion is off)."""
+    if not values.get("enable_hr"):
+        return {}
+    out: dict[str, Any] = {"enable_hr": True}
+    out["hr_upscaler"] = str(values.get("hr_upscaler") or _DEFAULTS.hr_upscaler)
+    for name in ("hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
+        if name in values:
+            out[name] = as_int(name, values[name], getattr(_DEFAULTS, name))
+    for name in ("denoising_strength", "hr_scale"):
+        if name in values:
+            out[name] = as_float(name, values[name], getattr(_DEFAULTS, name))
+    for name in ("hr_sampler_name", "hr_scheduler"):
+        value = values.get(name)
+        out[name] = None if not value or str(value).startswith(HIRES_SAME) else str(value)
+    for name in ("hr_prompt", "hr_negative_prompt"):
+        out[name] = str(values.get(name) or "")
     return out

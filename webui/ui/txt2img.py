@@ -15,6 +15,8 @@ import gradio as gr
 
 from webui.generation.samplers import sampler_names, schedule_names
 from webui.types import JobState, RequestError
+from webui.ui import hires as hires_ui
+from webui.ui import lora_stack
 from webui.ui.common import Registry, session_id, status_html
 from webui.ui.progress import progress_html, watch
 from webui.ui.requests import TXT2IMG_FIELDS, txt2img_request
@@ -70,6 +72,8 @@ def render(ctx: Any) -> dict[str, Any]:
                                             elem_classes="webui-tool", min_width=44)
             c["clip_skip"] = gr.Slider(1, 12, value=int(options.get("CLIP_stop_at_last_layers") or 1), step=1,
                                        precision=0, label="Clip skip", elem_id="txt2img_clip_skip")
+            c.update(lora_stack.render(ctx, SECTION))
+            c.update(hires_ui.render(ctx))  # hires-fix accordion (webui/ui/hires.py)
         with gr.Column(scale=1, min_width=320, elem_id="txt2img_results"):
             c["progress"] = gr.HTML(progress_html("Idle", active=False), label="Progress", elem_id="txt2img_progress")
             c["preview"] = gr.Image(label="Live preview", interactive=False, format="jpeg", visible=False,
@@ -130,6 +134,8 @@ def _finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str) -> dict[st
         c["job_id"]: None,
         c["action_status"]: "",
     }
+    if result is not None and (notes := lora_stack.result_notes(result.info)):
+        updates[c["action_status"]] = notes
     if images or job.state in (JobState.DONE, JobState.INTERRUPTED):
         updates.update({
             c["gallery"]: [_gallery_item(ctx, img) for img in images],
@@ -145,12 +151,16 @@ def _finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str) -> dict[st
 def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     c = registry.section(SECTION)
     fields = {name: c[name] for name in TXT2IMG_FIELDS}
+    fields.update({name: c[name] for name in lora_stack.input_names(lora_stack.slot_count(c))})
+    lora_stack.wire(ctx, registry, SECTION)
+    fields.update({name: c[name] for name in hires_ui.FIELDS})
     outputs = [c[k] for k in ("progress", "preview", "gallery", "infotext", "seed_used", "job_id", "infotexts",
                               "seeds", "selected", "action_status")]
 
     def generate(request: gr.Request, **values: Any):
         try:
             req = txt2img_request(values, options=ctx.options.as_dict())
+            req = hires_ui.apply(req, values)
             job = ctx.submit(req, client=session_id(request))
         except (RequestError, TypeError, RuntimeError) as exc:
             yield {c["progress"]: progress_html(str(exc), error=True, active=False)}

@@ -36,6 +36,7 @@ from torch import nn
 
 from webui.models.lora.blocks import block_multiplier, resolve_block_weights
 from webui.models.lora.compat import MatchReport, check_lora, model_arch
+from webui.models.lora.formats import LoraPatch
 from webui.models.lora.keymap import KeyMap
 from webui.models.lora.loading import LoadedLora
 from webui.types import Arch
@@ -204,12 +205,7 @@ class LoraPatcher:
             self._pristine[key] = param.detach().to("cpu", copy=True)
         with torch.no_grad():
             orig = self._pristine[key].to(param.device, torch.float32)
-            total = torch.zeros_like(orig)
-            for lora, name, mult in contribs:
-                patch = lora.patches[name]
-                delta = patch.delta(orig) if key[2] == "weight" else patch.bias_delta(orig)
-                total.add_(delta, alpha=mult)
-            merged = (orig + total).to(param.dtype)
+            merged = (orig + _sum_deltas(orig, contribs, key[2])).to(param.dtype)
         param.data = merged  # a new tensor: the previous one (maybe shared) is never written to
         self._applied[key] = _signature(contribs)
 
@@ -226,6 +222,30 @@ class LoraPatcher:
         return PatchReport(identity=identity, layers_written=written, layers_restored=restored,
                            layers_patched=len(self._applied), matches=matches, warnings=warnings,
                            seconds=time.perf_counter() - started)
+
+
+def _sum_deltas(orig: torch.Tensor, contribs: Sequence[Contribution], which: str) -> torch.Tensor:
+    """Sum of ``mult * delta`` over a layer's contributions.  Plain low-rank LoRAs are fused into one
+    matmul (``[up1*s1 | up2*s2 ...] @ [down1; down2 ...]``): one kernel per layer however many LoRAs."""
+    total: torch.Tensor | None = None
+    ups: list[tuple[torch.Tensor, float, float]] = []
+    downs: list[torch.Tensor] = []
+    for lora, name, mult in contribs:
+        patch = lora.patches[name]
+        if which == "weight" and type(patch) is LoraPatch and patch.mid is None and patch.magnitude is None:
+            ups.append((patch.up.reshape(patch.up.shape[0], -1).to(orig.device, torch.float32), patch.scale, mult))
+            downs.append(patch.down.reshape(patch.down.shape[0], -1).to(orig.device, torch.float32))
+            continue
+        delta = patch.delta(orig) if which == "weight" else patch.bias_delta(orig)
+        total = delta * mult if total is None else total.add_(delta, alpha=mult)
+    if len(ups) == 1:  # the same operations, in the same order, as ``patch.delta(orig) * mult``
+        up, scale, mult = ups[0]
+        low = (up @ downs[0]).reshape(orig.shape) * scale * mult
+    elif ups:
+        low = (torch.cat([u * (sc * m) for u, sc, m in ups], 1) @ torch.cat(downs, 0)).reshape(orig.shape)
+    if ups:
+        total = low if total is None else total.add_(low)
+    return total if total is not None else torch.zeros_like(orig)
 
 
 def _entry(item: StackEntry | tuple) -> StackEntry:

@@ -1,0 +1,216 @@
+"""Extensions end to end: a third-party plugin installed as a distribution (entry point group
+``webui.extensions`` on a sys.path entry) is discovered and runs in a real generation; extensions raising in
+every hook are disabled and the generation still finishes; the shipped examples work; ``/ext/<name>`` routes
+sit behind the API credentials and answer 404 while their extension is disabled."""
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+import socket
+import sys
+import textwrap
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.fixtures.factory import TinyModels
+from webui.context import AppContext
+from webui.io.metadata import parse_infotext, read_infotext
+from webui.settings import Settings
+from webui.types import GenerationRequest, JobState
+
+SMALL = dict(width=64, height=64, steps=2, negative_prompt="blurry")
+MAGENTA = (255, 0, 255)
+
+PROBE = '''
+from webui.plugins.api import hookimpl
+WEBUI_API = ">=1.0,<2"
+STEPS = []
+REQUESTS = []
+
+@hookimpl
+def webui_modify_request(request):
+    REQUESTS.append(request.prompt)
+
+@hookimpl
+def webui_on_step(progress, request):
+    STEPS.append((progress.step, progress.total_steps))
+
+@hookimpl(trylast=True)
+def webui_postprocess_image(image):
+    out = image.copy()
+    out.paste((255, 0, 255), (0, 0, 4, 4))
+    return out
+'''
+
+HOOK_CODE = {
+    "settings": "def webui_settings():\n    raise RuntimeError('raise_settings broke')\n",
+    "ui": "def webui_ui():\n    raise RuntimeError('raise_ui broke')\n",
+    "routes": "def webui_api_routes(router):\n    raise RuntimeError('raise_routes broke')\n",
+    "modify": "def webui_modify_request(request):\n    raise RuntimeError('raise_modify broke')\n",
+    "prompt": "def webui_prompt_syntax(prompt):\n    raise RuntimeError('raise_prompt broke')\n",
+    "step": "def webui_on_step(progress):\n    raise RuntimeError('raise_step broke')\n",
+    "postprocess": "def webui_postprocess_image(image):\n    raise RuntimeError('raise_postprocess broke')\n",
+}
+
+
+def install_entry_point_dist(site) -> None:
+    """A distribution as pip would leave it: dist-info with entry_points.txt + the module, on sys.path."""
+    dist = site / "webui_ep_probe-0.3.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: webui-ep-probe\nVersion: 0.3.0\n")
+    (dist / "entry_points.txt").write_text("[webui.extensions]\nprobe = webui_ep_probe\n")
+    (site / "webui_ep_probe.py").write_text(textwrap.dedent(PROBE))
+
+
+def write_raisers(ext_dir) -> None:
+    for hook, code in HOOK_CODE.items():
+        folder = ext_dir / f"raise_{hook}"
+        folder.mkdir(parents=True)
+        (folder / "extension.toml").write_text(
+            f'name = "raise_{hook}"\nversion = "0.0.1"\napi = ">=1.0,<2"\nentry = "main"\n')
+        (folder / "main.py").write_text("from webui.plugins.api import hookimpl\n@hookimpl\n" + code)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("site")
+    install_entry_point_dist(root)
+    sys.path.insert(0, str(root))
+    importlib.invalidate_caches()
+    try:
+        yield root
+    finally:
+        sys.path.remove(str(root))
+        sys.modules.pop("webui_ep_probe", None)
+
+
+@pytest.fixture(scope="module")
+def ctx(site, tmp_path_factory, fixture_cache):
+    root = tmp_path_factory.mktemp("ext_gen")
+    TinyModels(root, fixture_cache).path("sd15")
+    write_raisers(root / "extensions")
+    context = AppContext.create(Settings.for_data_dir(root))
+    context.options.update({"sd_model_checkpoint": "tiny_sd15"})
+    yield context
+    context.close()
+
+
+def test_entry_point_plugin_is_discovered_and_runs_in_a_generation(ctx):
+    record = ctx.plugins.get("probe")
+    assert record.status == "enabled", record.error
+    assert record.version == "0.3.0" and "entry point webui-ep-probe" in record.source
+    probe = sys.modules["webui_ep_probe"]
+    probe.STEPS.clear()
+    job = ctx.run(GenerationRequest(prompt="a fox", seed=3, **SMALL), timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert probe.STEPS == [(1, 2), (2, 2)]
+    assert probe.REQUESTS[-1] == "a fox"
+    image = job.result.images[0]
+    assert image.image.getpixel((1, 1)) == MAGENTA
+    saved = Image.open(image.path).convert("RGB")
+    assert saved.getpixel((1, 1)) == MAGENTA and saved.getpixel((10, 10)) != MAGENTA
+
+
+def test_extensions_raising_in_every_hook_are_disabled_and_the_generation_finishes(ctx):
+    job = ctx.run(GenerationRequest(prompt="a cat", seed=4, **SMALL), timeout=300)
+    assert job.state is JobState.DONE, job.error
+    assert len(job.result.images) == 1 and job.result.images[0].image.size == (64, 64)
+    from webui.ui import build_ui
+
+    build_ui(ctx)  # the UI hook runs (and fails) here; the page is still built
+    for hook in HOOK_CODE:
+        if hook == "routes":
+            continue  # only called when routes are installed: see the API test
+        record = ctx.plugins.get(f"raise_{hook}")
+        assert record.status == "error", hook
+        assert f"raise_{hook} broke" in record.error and "Traceback" in record.error
+    # the other extensions kept working
+    assert ctx.plugins.get("probe").status == "enabled" and ctx.plugins.get("wildcards").status == "enabled"
+    again = ctx.run(GenerationRequest(prompt="a cat", seed=4, **SMALL), timeout=300)
+    assert np.array_equal(np.asarray(again.result.images[0].image), np.asarray(job.result.images[0].image))
+
+
+def test_wildcards_and_watermark_examples_in_a_real_generation(ctx):
+    job = ctx.run(GenerationRequest(prompt="a __color__ bird", seed=7, **SMALL), timeout=300)
+    assert job.state is JobState.DONE, job.error
+    prompt = parse_infotext(read_infotext(job.result.images[0].path))["Prompt"]
+    assert prompt in {f"a {c} bird" for c in ("red", "green", "blue", "golden")}
+    same = ctx.run(GenerationRequest(prompt="a __color__ bird", seed=7, **SMALL), timeout=300)
+    assert same.result.info["prompt"] == prompt == job.result.info["prompt"]
+    plain = ctx.run(GenerationRequest(prompt="a tree", seed=8, **SMALL), timeout=300)
+    ctx.set_options({"contact_sheet_watermark": "WM"})
+    try:
+        marked = ctx.run(GenerationRequest(prompt="a tree", seed=8, **SMALL), timeout=300)
+    finally:
+        ctx.set_options({"contact_sheet_watermark": ""})
+    a = np.asarray(plain.result.images[0].image, dtype=np.int16)
+    b = np.asarray(marked.result.images[0].image, dtype=np.int16)
+    assert (a != b).any(axis=2)[40:, 40:].any(), "watermark in the bottom-right corner"
+    assert not (a != b).any(axis=2)[:20, :20].any(), "nothing else changed"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_b64(color, size=(16, 8)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_extension_routes_are_behind_auth_and_follow_enable(site, tmp_path):
+    from webui.api.auth import basic_header
+    from webui.app import start
+
+    write_raisers(tmp_path / "extensions")
+    settings = Settings.for_data_dir(tmp_path, port=free_port(), nowebui=True, api_auth=(("user", "pw"),))
+    running = start(settings)
+    try:
+        base = running.url.rstrip("/")
+        body = {"images": [png_b64("red"), png_b64("blue")], "columns": 2, "labels": ["r", "b"]}
+        with httpx.Client(base_url=base, timeout=60) as client:
+            assert client.post("/ext/contact_sheet/grid", json=body).status_code == 401
+            auth = {"Authorization": basic_header("user", "pw")}
+            answer = client.post("/ext/contact_sheet/grid", json=body, headers=auth)
+            assert answer.status_code == 200, answer.text
+            data = answer.json()
+            sheet = Image.open(io.BytesIO(base64.b64decode(data["image"])))
+            assert (data["columns"], data["rows"]) == (2, 1) and sheet.size == (data["width"], data["height"])
+            bad = client.post("/ext/contact_sheet/grid", json={"images": ["not base64!"]}, headers=auth)
+            assert bad.status_code == 422 and "not a base64" in bad.json()["detail"]
+            assert running.ctx.plugins.get("raise_routes").status == "error"
+            options = client.get("/webui/v1/options", headers=auth).json()
+            spec = next(s for s in options["specs"] if s["key"] == "contact_sheet_watermark")
+            assert spec["section"] == "Extension: contact_sheet" and options["values"]["contact_sheet_watermark"] == ""
+            bad_option = client.post("/webui/v1/options", json={"wildcards_folder": 5}, headers=auth)
+            assert bad_option.status_code == 422 and "wildcards_folder" in bad_option.text
+            running.ctx.plugins.set_enabled("contact_sheet", False)
+            assert client.post("/ext/contact_sheet/grid", json=body, headers=auth).status_code == 404
+            running.ctx.plugins.set_enabled("contact_sheet", True)
+            assert client.post("/ext/contact_sheet/grid", json=body, headers=auth).status_code == 200
+    finally:
+        running.close()
+
+
+def test_install_is_refused_in_the_ui_when_listening_publicly(tmp_path):
+    from webui.plugins.install import REFUSED
+    from webui.ui import build_ui
+
+    settings = Settings.for_data_dir(tmp_path, host="0.0.0.0", gradio_auth=(("u", "p"),))
+    context = AppContext.create(settings, start_worker=False)
+    try:
+        registry = build_ui(context).webui_components
+        assert registry["extensions.install"].interactive is False
+        assert registry["extensions.source"].interactive is False
+        fn = next(dep.fn for dep in build_ui(context).fns.values() if getattr(dep, "api_name", "") == "extensions_install")
+        table, status, _ = fn(str(tmp_path))
+        assert REFUSED.split(".")[0] in status
+    finally:
+        context.close()
