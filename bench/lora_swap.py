@@ -12,7 +12,7 @@ kohya-named LoRAs for the UNet attention layers (rank 8), written once to a temp
 
 Each is measured after 1 and after N (default 200) LoRA files were previously used.  Medians over repeats.
 
-    python bench/lora_swap.py [--used 200] [--repeats 7]
+    python bench/lora_swap.py [--used 200] [--repeats 7] [--diffusers-used 30]
 
 Goal: swap <= one UNet forward, flat in the number of LoRAs used before, faster than the diffusers path.
 """
@@ -81,6 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--used", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--diffusers-used", type=int, default=None,
+                    help="previously used adapters for the diffusers rows (default --used; peft loading is slow)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="lora_swap_"))
@@ -172,8 +174,10 @@ def main() -> None:
         pipe.set_adapters(names(b_files), [0.7] * 3)
         results[("unet with 3 unfused adapters", 1)] = median_time(forward, args.repeats * 2)
         started = time.perf_counter()
-        load(history)
-        print(f"(diffusers: loaded {len(history)} more adapters in {time.perf_counter() - started:.1f}s)")
+        d_used = args.used if args.diffusers_used is None else min(args.used, args.diffusers_used)
+        load(history[:d_used])
+        print(f"(diffusers: loaded {d_used} more adapters in {time.perf_counter() - started:.1f}s; its 'used=' "
+              f"column below is used={d_used})")
         results[("diffusers set_adapters", args.used)] = d_set()
         results[("diffusers load+set", args.used)] = d_load_set()
         pipe.set_adapters(names(b_files), [0.7] * 3)

@@ -179,6 +179,10 @@ def wire(ctx: Any, registry: Any, blocks: gr.Blocks) -> None:
 
     def refresh(**v):
         report = library(ctx).refresh()
+        try:
+            ctx.refresh_models("lora")  # so that generation finds a LoRA added since start-up
+        except Exception:  # noqa: BLE001 - the library view is still correct
+            pass
         library(ctx).start_hashing()
         text = f"Rescanned: {report.files} files, {report.read} read, {report.removed} gone ({report.seconds:.2f} s)."
         return {**grid_updates(ctx, c, v), **facet_updates(), c["status"]: status_html(text, kind="ok")}
