@@ -10,11 +10,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from webui.lora_library import LoraLibrary
 from webui.models.cache import ComponentCache
 from webui.models.catalog import Catalog, ModelRecord
 from webui.models.starter_downloads import StarterDownloads
 from webui.models.manager import ModelManager
 from webui.options import OptionError, OptionsStore
+from webui.plugins.manager import from_settings as plugins_from_settings
 from webui.runtime.handlers import build_handlers
 from webui.runtime.worker import Job, Worker
 from webui.settings import Settings
@@ -59,11 +61,7 @@ class AppContext:
             downloads=StarterDownloads(settings.ckpt_dir, on_done=lambda _path: catalog.refresh("checkpoint")),
             messages=list(options.load_warnings),
         )
-        from webui.plugins.manager import from_settings as plugins_from_settings
-
         ctx.plugins = plugins_from_settings(settings, options.get).load()
-        from webui.lora_library import LoraLibrary
-
         ctx.lora_library = LoraLibrary.from_settings(settings, catalog.roots("lora"))  # scans lazily
         ctx.messages.extend(options.add_specs(ctx.plugins.option_specs()))
         for request_type, handler in build_handlers(ctx).items():

@@ -12,10 +12,11 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from webui.generation.hires import infotext_extra as hires_infotext, run_hires
 from webui.generation.previews import latent_preview
 from webui.generation.samplers import make_scheduler, resolve as resolve_sampler
 from webui.io.images import save_image
@@ -135,12 +136,6 @@ def _batched_cfg(kwargs: dict[str, torch.Tensor], batch: int, cfg: bool) -> dict
     return out
 
 
-def _hires_extra(request: GenerationRequest) -> dict[str, Any]:
-    from webui.generation.hires import infotext_extra
-
-    return infotext_extra(request)
-
-
 def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: RunOptions,
                 loras: Any = None) -> GenerationResult:
     """``loras``: the manager's LoraApplication for this job (hashes for infotext, warnings)."""
@@ -207,8 +202,6 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
         if reporter.skipped:
             continue
         if request.enable_hr:  # 4b. hires fix: upscale + second pass (webui.generation.hires)
-            from webui.generation.hires import run_hires
-
             latents, interrupted = run_hires(model=model, request=request, latents=latents, seeds=batch_seeds,
                                              control=control, started=started, tools=options.hires)
             if interrupted:
@@ -222,7 +215,7 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
                 request, seed=seed, subseed=subseeds[lo + offset], sampler=choice.sampler,
                 schedule=choice.schedule, model_name=Path(model.record.name).name, model_hash=model.model_hash,
                 vae_name=model.vae_record.name if model.vae_record else None, version=VERSION,
-                lora_hashes=loras.hashes if loras else None, extra=_hires_extra(request),
+                lora_hashes=loras.hashes if loras else None, extra=hires_infotext(request),
             )
             infotext = build_infotext(append_lora_tags(request.prompt, request.loras), request.negative_prompt,
                                       params)  # slot LoRAs as <lora:> tags: the prompt restores the stack
