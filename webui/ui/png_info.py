@@ -11,7 +11,7 @@ import gradio as gr
 
 from webui.io.metadata import infotext_to_request_fields, parse_infotext, read_infotext
 from webui.ui.common import Registry, status_html
-from webui.ui.requests import txt2img_field_values
+from webui.ui.requests import HIRES_FIELDS, txt2img_field_values
 
 SECTION = "png_info"
 TARGET = "txt2img"
@@ -59,12 +59,14 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
 
     fields = [name for name in target if name in ("prompt", "negative_prompt", "steps", "sampler", "schedule",
                                                    "width", "height", "cfg_scale", "seed", "n_iter",
-                                                   "batch_size", "clip_skip")]
+                                                   "batch_size", "clip_skip", *HIRES_FIELDS)]
 
     def send(text: str | None):
         if not text:
             return {c["status"]: status_html("Drop an image with parameters first.", kind="error")}
-        values = txt2img_field_values(infotext_to_request_fields(parse_infotext(text)))
+        request_fields = infotext_to_request_fields(parse_infotext(text))
+        values = txt2img_field_values(request_fields)
+        values.update({k: v for k, v in request_fields.items() if k in HIRES_FIELDS and v is not None})
         updates: dict[Any, Any] = {target[name]: values[name] for name in fields if name in values}
         updates[registry["tabs"]] = gr.Tabs(selected=TARGET)
         updates[c["status"]] = status_html(f"Sent {len(updates) - 1} field(s) to txt2img.", kind="ok")
