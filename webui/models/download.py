@@ -27,7 +27,7 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urljoin, urlsplit

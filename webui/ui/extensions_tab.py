@@ -11,9 +11,8 @@ from typing import Any
 
 import gradio as gr
 
-from webui.options import OptionError
-from webui.types import RequestError
 from webui.ui.common import Registry, status_html
+from webui.ui.settings_tab import save_changes
 
 SECTION = "extensions"
 WARNING = ("Extensions run Python code on this machine with the app's rights. Install only extensions "
@@ -129,14 +128,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     if opts:
         def apply_settings(**values: Any):
             current = ctx.options.as_dict()
-            changes = {k: v for k, v in values.items() if v is not None and v != current.get(k)}
-            if not changes:
-                return status_html("Nothing changed.")
-            try:
-                saved = ctx.set_options(changes)
-            except (OptionError, RequestError) as exc:
-                return status_html(str(exc), kind="error")
-            return status_html(f"Saved {len(saved)} setting(s): {', '.join(sorted(saved))}.", kind="ok")
+            return save_changes(ctx, {k: v for k, v in values.items() if v is not None and v != current.get(k)})
 
         c["settings_apply"].click(apply_settings, inputs_kwargs=opts, outputs=[c["status"]],
                                   api_name="extensions_settings_apply", api_visibility="private",

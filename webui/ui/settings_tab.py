@@ -85,6 +85,17 @@ def option_components(c: dict[str, Any]) -> dict[str, Any]:
     return {name[len("opt."):]: comp for name, comp in c.items() if name.startswith("opt.")}
 
 
+def save_changes(ctx: Any, changes: dict[str, Any]) -> str:
+    """Save option changes through ``ctx.set_options``; the status line to show (also for extension settings)."""
+    if not changes:
+        return status_html("Nothing changed.")
+    try:
+        saved = ctx.set_options(changes)
+    except (OptionError, RequestError) as exc:
+        return status_html(str(exc), kind="error")
+    return status_html(f"Saved {len(saved)} setting(s): {', '.join(sorted(saved))}.", kind="ok")
+
+
 def changed_values(values: dict[str, Any], current: dict[str, Any], *, blank_means_keep=()) -> dict[str, Any]:
     """Only the options whose submitted value differs from the stored one (after coercion).
 
@@ -112,14 +123,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     dropdowns = {key for key, comp in opts.items() if isinstance(comp, gr.Dropdown)}
 
     def apply(**values: Any):
-        changes = changed_values(values, ctx.options.as_dict(), blank_means_keep=dropdowns)
-        if not changes:
-            return status_html("Nothing changed.")
-        try:
-            saved = ctx.set_options(changes)
-        except (OptionError, RequestError) as exc:
-            return status_html(str(exc), kind="error")
-        return status_html(f"Saved {len(saved)} setting(s): {', '.join(sorted(saved))}.", kind="ok")
+        return save_changes(ctx, changed_values(values, ctx.options.as_dict(), blank_means_keep=dropdowns))
 
     c["apply"].click(apply, inputs_kwargs=opts, outputs=[c["result"]], api_name="apply_settings",
                      concurrency_limit=None)
