@@ -81,8 +81,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--used", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=7)
-    ap.add_argument("--diffusers-used", type=int, default=None,
-                    help="previously used adapters for the diffusers rows (default --used; peft loading is slow)")
+    ap.add_argument("--diffusers-used", type=int, default=30,
+                    help="previously used adapters for the diffusers rows (peft loads ~0.7 s per adapter on 2 cores)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="lora_swap_"))
