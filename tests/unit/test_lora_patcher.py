@@ -425,3 +425,24 @@ def test_block_weights_zero_the_right_layers(sd1, patcher):
     want = snap["unet"]["down_blocks.1.attentions.0.proj_in.weight"] + 0.5 * patch.delta(
         snap["unet"]["down_blocks.1.attentions.0.proj_in.weight"])
     torch.testing.assert_close(w.detach(), want, atol=ATOL, rtol=0)
+
+
+def test_layer_matching_is_remembered_for_recent_loras_only(sd1, patcher, monkeypatch):
+    """Swapping back to a stack does not re-match its layers; the memory of matches stays bounded."""
+    from webui.models.lora import patcher as patcher_module
+
+    models, _ = sd1
+    a, b = as_lora(make_lora(models, seed=1), "a.safetensors"), as_lora(make_lora(models, seed=2), "b.safetensors")
+    patcher.apply([(a, 1.0, 1.0)])
+    patcher.apply([(b, 1.0, 1.0)])
+    calls = []
+    real = patcher_module.check_lora
+    monkeypatch.setattr(patcher_module, "check_lora", lambda *args: calls.append(args) or real(*args))
+    patcher.apply([(a, 1.0, 1.0)])
+    assert calls == [], "a's match report was kept across the swap"
+    monkeypatch.setattr(patcher_module, "MATCH_CACHE_SIZE", 2)
+    extra = [as_lora(make_lora(models, seed=10 + i, components=("unet",)), f"x{i}.safetensors") for i in range(3)]
+    for lora in extra:
+        patcher.check(lora)
+    assert len(patcher._matches) == 2
+    patcher.restore()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, NamedTuple, Sequence
@@ -40,6 +41,8 @@ from webui.models.lora.formats import LoraPatch
 from webui.models.lora.keymap import KeyMap
 from webui.models.lora.loading import LoadedLora
 from webui.types import Arch
+
+MATCH_CACHE_SIZE = 64  # LoRAs whose layer matching is remembered (memory stays flat however many are used)
 
 __all__ = ["LoraPatcher", "PatchReport", "StackEntry"]
 
@@ -86,7 +89,8 @@ class LoraPatcher:
         self._applied: dict[ParamKey, tuple] = {}  # key -> signature of what is merged into it now
         self._stack: tuple[StackEntry, ...] = ()
         self._identity: tuple = ()
-        self._matches: dict[int, tuple[LoadedLora, MatchReport]] = {}
+        # Match reports of recently used LoRAs (bounded LRU: swapping back to a stack skips re-matching).
+        self._matches: OrderedDict[int, tuple[LoadedLora, MatchReport]] = OrderedDict()
 
     # ------------------------------------------------------------------ public
     @property
@@ -114,9 +118,12 @@ class LoraPatcher:
         """Match ``lora`` against this model without touching weights; raises ``LoraError`` if it cannot apply."""
         cached = self._matches.get(id(lora))
         if cached is not None and cached[0] is lora:
+            self._matches.move_to_end(id(lora))
             return cached[1]
         report = check_lora(lora, self._keymap, self._arch)
         self._matches[id(lora)] = (lora, report)
+        while len(self._matches) > MATCH_CACHE_SIZE:
+            self._matches.popitem(last=False)
         return report
 
     def apply(self, stack: Sequence[StackEntry | tuple]) -> PatchReport:
@@ -130,7 +137,6 @@ class LoraPatcher:
         if identity == self._identity and same_objects:
             return self._report(identity, 0, 0, tuple(self.check(e.lora) for e in entries), started)
         matches = tuple(self.check(e.lora) for e in entries)  # raises before any write
-        self._matches = {id(e.lora): (e.lora, m) for e, m in zip(entries, matches)}
         wanted = self._wanted(entries, matches)
         changed = [k for k, contribs in wanted.items() if self._applied.get(k) != _signature(contribs)]
         removed = [k for k in self._applied if k not in wanted]
