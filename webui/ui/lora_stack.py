@@ -14,11 +14,11 @@ whole stack through the prompt (the slots are left empty).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 from webui.models.lora.blocks import SD_PRESETS, SDXL_PRESETS
-from webui.types import LoraRef, RequestError
+from webui.types import LoraRef
+from webui.ui.requests import parse_number
 
 __all__ = ["BLOCK_PRESETS", "input_names", "render", "slot_count", "slots_to_refs", "stack_warnings", "wire"]
 
@@ -38,18 +38,6 @@ def input_names(count: int) -> tuple[str, ...]:
     return tuple(f"lora_{i}_{part}" for i in range(count) for part in ("name", "weight", "te_weight", "blocks"))
 
 
-def _number(label: str, value: Any, default: float | None) -> float | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise RequestError(f"{label} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise RequestError(f"{label} must be a finite number, got {value!r}")
-    return number
-
-
 def slots_to_refs(values: Mapping[str, Any]) -> tuple[LoraRef, ...]:
     """``{"lora_0_name": ..., "lora_0_weight": ...}`` -> the slots' ``LoraRef``s (empty slots skipped).
 
@@ -60,8 +48,8 @@ def slots_to_refs(values: Mapping[str, Any]) -> tuple[LoraRef, ...]:
         if not name:
             continue
         label = f"LoRA slot {i + 1} ({name})"
-        weight = _number(f"{label} weight", values.get(f"lora_{i}_weight"), 1.0)
-        te = _number(f"{label} text-encoder weight", values.get(f"lora_{i}_te_weight"), None)
+        weight = parse_number(f"{label} weight", values.get(f"lora_{i}_weight"), 1.0)
+        te = parse_number(f"{label} text-encoder weight", values.get(f"lora_{i}_te_weight"), None)
         te = None if te is not None and te < 0 else te  # the slider's -1: same as the weight
         blocks = str(values.get(f"lora_{i}_blocks") or "").strip() or None
         refs[name] = LoraRef(name=name, weight=weight, te_weight=te, block_weights=blocks)

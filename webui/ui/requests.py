@@ -63,14 +63,19 @@ def as_int(name: str, value: Any, default: int) -> int:
 
 
 def as_float(name: str, value: Any, default: float) -> float:
+    return parse_number(_label(name), value, default)
+
+
+def parse_number(label: str, value: Any, default: float | None) -> float | None:
+    """A finite float from a widget value; ``None``/empty means ``default``; ``label`` names it in errors."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return default
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RequestError(f"{_label(name)} must be a number, got {value!r}") from None
+        raise RequestError(f"{label} must be a number, got {value!r}") from None
     if not math.isfinite(number):
-        raise RequestError(f"{_label(name)} must be a finite number, got {value!r}")
+        raise RequestError(f"{label} must be a finite number, got {value!r}")
     return number
 
 
