@@ -2,8 +2,9 @@
 
 Runs on the worker thread only.  Components are cached by file identity (path, size, mtime) in the
 byte-budgeted ``ComponentCache``; switching back to a recently used checkpoint is a cache hit and costs a
-pipeline rebuild (no tensor copies).  On CUDA the cache holds CPU copies; the active model is moved to the
-device and the previous one moved back, so the cache budget is RAM and only one model sits in VRAM.
+pipeline rebuild (no tensor copies).  On CUDA the cached modules themselves are moved: the active model's
+to the device, the previous one's back to the CPU (LoRA patches restored first), so the cache budget is RAM
+and only one model sits in VRAM.
 """
 from __future__ import annotations
 
