@@ -20,6 +20,8 @@ class ModelKind(str, enum.Enum):
     VAE = "vae"
     LORA = "lora"
     CONTROLNET = "controlnet"
+    IP_ADAPTER = "ip_adapter"
+    CLIP_VISION = "clip_vision"
     EMBEDDING = "embedding"
     UPSCALER = "upscaler"
     UNKNOWN = "unknown"
@@ -78,7 +80,7 @@ def _check_range(name: str, value: float, low: float, high: float) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
-    """A txt2img job (img2img/inpaint fields are added by their issue).
+    """A txt2img job; ``webui.image_requests.Img2ImgRequest`` extends it for img2img / edit / inpaint.
 
     ``checkpoint``/``vae`` are catalog titles; ``None`` means "whatever is selected now".
     ``seed == -1`` means random; the worker resolves it before running and reports the real seed.
@@ -117,6 +119,9 @@ class GenerationRequest:
     hr_scheduler: str | None = None
     hr_prompt: str = ""  # "": same as prompt
     hr_negative_prompt: str = ""
+    # image conditioning (webui.image_requests): ControlNet units and IP-Adapter reference images
+    controlnet: tuple[Any, ...] = ()  # ControlUnit
+    ip_adapters: tuple[Any, ...] = ()  # ReferenceImages
 
     job_kind = "txt2img"  # class attribute, not a field
 
@@ -146,6 +151,12 @@ class GenerationRequest:
             object.__setattr__(self, "loras", tuple(self.loras))
         if not isinstance(self.styles, tuple):
             object.__setattr__(self, "styles", tuple(self.styles))
+        for name, limit in (("controlnet", 8), ("ip_adapters", 8)):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                object.__setattr__(self, name, tuple(value or ()))
+            if len(getattr(self, name)) > limit:
+                raise RequestError(f"at most {limit} {name} entries per job")
         if self.enable_hr:
             _validate_hires(self)
 
@@ -236,6 +247,7 @@ class GenerationResult:
     parameters: dict[str, Any]  # the request as plain data (A1111 "parameters")
     info: dict[str, Any]  # A1111 "info": seeds, infotexts, model, ...
     interrupted: bool = False
+    extra_images: tuple[Any, ...] = ()  # shown with the result, not saved: e.g. ControlNet preprocessed maps
 
 
 MAX_UPSCALE_INPUT_SIDE = 8192

@@ -1,22 +1,25 @@
-"""Run one txt2img job: GenerationRequest + LoadedModel -> GenerationResult.
+"""Run one generation job: a request + LoadedModel + SamplingPlan -> GenerationResult.
 
-Reads as a recipe (see ``run_txt2img``): resolve seeds, encode prompts (our own encoder: A1111 weighting,
+Reads as a recipe (see ``run_generation``): resolve seeds, encode prompts (our own encoder: A1111 weighting,
 long prompts, clip skip), build a fresh scheduler, then per batch make the initial noise from per-image
 CPU generators (same seed -> same image, whatever the batch position or device), sample with a step
 callback (progress, live preview, Interrupt/Skip, prompt schedule), decode with the VAE, write infotext
-and save.  Runs on the worker thread only.
+and save.  What differs between txt2img, img2img, inpaint and edit is the ``SamplingPlan``: which
+pipeline, what it is called with per batch, what happens per step and to each image afterwards
+(``txt2img_plan`` here, ``webui.generation.img2img.build_plan`` for image jobs).  Worker thread only.
 """
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from webui.generation.hires import infotext_extra as hires_infotext, run_hires
+from webui.generation.pipeline_tasks import task_for, task_pipeline
 from webui.generation.previews import latent_preview
 from webui.generation.samplers import make_scheduler, resolve as resolve_sampler
 from webui.io.images import save_image
@@ -46,7 +49,9 @@ class StepReporter:
 
     def __init__(self, *, control: Any, model: Any, request: GenerationRequest, batch_index: int,
                  started: float, schedule_switches: dict[int, dict[str, torch.Tensor]], preview_every: int,
-                 plugins: Any = None):
+                 plugins: Any = None, total_steps: int | None = None, on_step: Any = None):
+        self.total_steps = total_steps or request.steps
+        self.on_step = on_step  # plan hook: (pipe, step, tensors) -> extra tensors (e.g. the inpaint blend)
         self.control = control
         self.model = model
         self.request = request
@@ -58,17 +63,21 @@ class StepReporter:
         self.plugins = plugins
 
     def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        request, done_step = self.request, step + 1
-        done = self.batch_index * request.steps + done_step
-        total = request.steps * request.n_iter
+        request, done_step, steps = self.request, step + 1, self.total_steps
+        done = self.batch_index * steps + done_step
+        total = steps * request.n_iter
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (total - done) if done else None
         changes: dict[str, Any] = {
-            "step": done_step, "total_steps": request.steps, "batch_index": self.batch_index,
+            "step": done_step, "total_steps": steps, "batch_index": self.batch_index,
             "batch_count": request.n_iter, "eta_seconds": eta,
-            "text": f"step {done_step}/{request.steps}, batch {self.batch_index + 1}/{request.n_iter}",
+            "text": f"step {done_step}/{steps}, batch {self.batch_index + 1}/{request.n_iter}",
         }
-        if self.preview_every and (done_step % self.preview_every == 0) and done_step < request.steps:
+        out = dict(self.switches.get(done_step, {}))
+        if self.on_step is not None:
+            out.update(self.on_step(pipe, step, tensors))
+            tensors = {**tensors, **out}
+        if self.preview_every and (done_step % self.preview_every == 0) and done_step < steps:
             changes["preview"] = latent_preview(tensors["latents"], self.model.arch)
             changes["preview_step"] = done
         self.control.update(**changes)
@@ -79,7 +88,7 @@ class StepReporter:
         elif self.control.consume_skip():
             self.skipped = True
             pipe._interrupt = True
-        return self.switches.get(done_step, {})
+        return out
 
 
 def resolve_seed(seed: int) -> int:
@@ -136,10 +145,58 @@ def _batched_cfg(kwargs: dict[str, torch.Tensor], batch: int, cfg: bool) -> dict
     return out
 
 
+@dataclass
+class SamplingPlan:
+    """How one job samples (see the module docstring).  Built on the worker thread per job."""
+
+    pipe: Any
+    mode: str = "txt2img"  # outputs/<mode>-images folder and A1111 result naming
+    steps_run: int = 0  # sampling steps the callback sees per batch (img2img: steps x strength); 0: request.steps
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # the same for every batch
+    batch_kwargs: Callable[[int, list[int], torch.Tensor], dict[str, Any]] | None = None  # (batch, seeds, noise)
+    on_step: Callable[[Any, int, dict[str, Any]], dict[str, Any]] | None = None  # extra tensors per step
+    finish: Callable[[Any, int], Any] | None = None  # (decoded image, index in job) -> final image
+    infotext: dict[str, Any] = field(default_factory=dict)
+    prompt_schedule: bool = True  # False: the pipeline cannot take switched embeddings mid-run
+    extra_images: tuple[Any, ...] = ()  # shown with the result, not saved (e.g. ControlNet maps)
+    info: dict[str, Any] = field(default_factory=dict)  # merged into the result's info
+
+
+def txt2img_plan(model: Any, request: GenerationRequest, control_cond: Any = None) -> SamplingPlan:
+    """txt2img; on a 9-channel inpaint checkpoint it inpaints a blank image under a full mask (A1111)."""
+    from PIL import Image
+
+    task = task_for(model.components.variant, has_image=False, has_mask=False)
+    pipe = task_pipeline(model, task, controlnet=getattr(control_cond, "controlnet", None))
+    call: dict[str, Any] = {"width": request.width, "height": request.height}
+    if task == "inpaint":
+        size = (request.width, request.height)
+        call.update(image=[Image.new("RGB", size, (127, 127, 127))] * request.batch_size,
+                    mask_image=[Image.new("L", size, 255)] * request.batch_size, strength=1.0)
+    if control_cond is not None:
+        call["image" if task == "txt2img" else "control_image"] = control_cond.images
+        call.update(control_cond.kwargs)
+    return SamplingPlan(
+        pipe=pipe, call_kwargs=call, batch_kwargs=lambda _b, _s, noise: {"latents": noise},
+        infotext=dict(getattr(control_cond, "infotext", {}) or {}),
+        extra_images=tuple(getattr(control_cond, "maps", ()) or ()),
+    )
+
+
+def _tensor_inputs(pipe: Any, wanted: set[str]) -> list[str]:
+    allowed = set(getattr(type(pipe), "_callback_tensor_inputs", ()) or ())
+    return ["latents", *sorted(k for k in wanted if k in allowed and k != "latents")]
+
+
 def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: RunOptions,
                 loras: Any = None) -> GenerationResult:
+    return run_generation(model, request, control, options, txt2img_plan(model, request), loras=loras)
+
+
+def run_generation(model: Any, request: GenerationRequest, control: Any, options: RunOptions, plan: SamplingPlan,
+                   loras: Any = None) -> GenerationResult:
     """``loras``: the manager's LoraApplication for this job (hashes for infotext, warnings)."""
-    pipe, started = model.pipe, time.perf_counter()
+    pipe, started = plan.pipe, time.perf_counter()
     # 1. Seeds: A1111 numbering (seed + index over all images of the job).
     base_seed = resolve_seed(request.seed)
     base_subseed = resolve_seed(request.subseed)
@@ -148,6 +205,8 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
     subseeds = [(base_subseed + i) % 2**32 for i in range(count)]
     # 2. Prompt conditioning (scheduled: list of (end_step, pipeline kwargs)).
     schedule = model.encoder.encode_schedule(request.prompt, request.negative_prompt, request.steps, request.clip_skip)
+    if not plan.prompt_schedule:
+        schedule = schedule[:1]
     first = schedule[0][1]
     cfg_on = request.cfg_scale > 1.0
     # 3. Scheduler, fresh for this job.
@@ -165,6 +224,7 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
     preview_every = options.preview_every if request.preview_every is None else request.preview_every
     preview_every = preview_every if options.previews else 0
     device = pipe.unet.device
+    steps_run = plan.steps_run or request.steps
     for batch_index in range(request.n_iter):
         if control.interrupted:
             interrupted = True
@@ -172,26 +232,28 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
         lo = batch_index * request.batch_size
         batch_seeds = seeds[lo:lo + request.batch_size]
         noise = initial_noise(batch_seeds, subseeds[lo:lo + request.batch_size], request.subseed_strength, latent_shape)
+        noise = noise.to(device=device, dtype=pipe.unet.dtype)
         generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
         # A1111 rule (parser.entry_at): entry (end, cond) is in force for 0-based steps <= end, so the next
         # entry takes over once step ``end`` is done, i.e. in the callback reporting done_step == end + 1.
         switches = {end + 1: _batched_cfg(schedule[i + 1][1], request.batch_size, cfg_on)
                     for i, (end, _) in enumerate(schedule[:-1])}
+        tensor_inputs = _tensor_inputs(pipe, {k for sw in switches.values() for k in sw})
+        switches = {step: {k: v for k, v in sw.items() if k in tensor_inputs} for step, sw in switches.items()}
         reporter = StepReporter(control=control, model=model, request=request, batch_index=batch_index,
                                 started=started, schedule_switches=switches, preview_every=preview_every,
-                                plugins=options.plugins)
-        control.update(step=0, total_steps=request.steps, batch_index=batch_index, batch_count=request.n_iter,
+                                plugins=options.plugins, total_steps=steps_run, on_step=plan.on_step)
+        control.update(step=0, total_steps=steps_run, batch_index=batch_index, batch_count=request.n_iter,
                        text=f"batch {batch_index + 1}/{request.n_iter}")
-        tensor_inputs = ["latents", *sorted({k for sw in switches.values() for k in sw})]
+        per_batch = plan.batch_kwargs(batch_index, batch_seeds, noise) if plan.batch_kwargs else {}
         latents = pipe(
             **first,
+            **plan.call_kwargs,
+            **per_batch,
             num_inference_steps=request.steps,
             guidance_scale=request.cfg_scale,
-            width=request.width,
-            height=request.height,
             num_images_per_prompt=request.batch_size,
             generator=generators,
-            latents=noise.to(device=device, dtype=pipe.unet.dtype),
             output_type="latent",
             callback_on_step_end=reporter,
             callback_on_step_end_tensor_inputs=tensor_inputs,
@@ -208,24 +270,48 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
                 break
         # 5. Decode, infotext, save.
         for offset, image in enumerate(decode(pipe, latents)):
-            seed = batch_seeds[offset]
+            seed, index = batch_seeds[offset], lo + offset
+            if plan.finish is not None:
+                image = plan.finish(image, index)
             if options.plugins is not None:
-                image = options.plugins.postprocess_image(image, seed=seed, index=lo + offset, request=request)
+                image = options.plugins.postprocess_image(image, seed=seed, index=index, request=request)
             params = infotext_params(
-                request, seed=seed, subseed=subseeds[lo + offset], sampler=choice.sampler,
+                request, seed=seed, subseed=subseeds[index], sampler=choice.sampler,
                 schedule=choice.schedule, model_name=Path(model.record.name).name, model_hash=model.model_hash,
                 vae_name=model.vae_record.name if model.vae_record else None, version=VERSION,
-                lora_hashes=loras.hashes if loras else None, extra=hires_infotext(request),
+                lora_hashes=loras.hashes if loras else None, extra={**hires_infotext(request), **plan.infotext},
             )
             infotext = build_infotext(append_lora_tags(request.prompt, request.loras), request.negative_prompt,
                                       params)  # slot LoRAs as <lora:> tags: the prompt restores the stack
             path = None
             if options.save and request.save_images:
-                path = str(save_image(image, outdir=options.outdir, mode="txt2img", infotext=infotext,
+                path = str(save_image(image, outdir=options.outdir, mode=plan.mode, infotext=infotext,
                                       seed=seed, prompt=request.prompt, pattern=options.filename_pattern))
             images.append(GeneratedImage(image=image, seed=seed, infotext=infotext, path=path))
-    # 6. Result in A1111's shape (parameters = request, info = seeds/infotexts).
-    info = {
+    return GenerationResult(images=tuple(images), parameters=request_parameters(request),
+                            info=_result_info(request, model, images, base_seed, base_subseed, subseeds, started,
+                                              loras, plan),
+                            interrupted=interrupted)
+
+
+def request_parameters(request: GenerationRequest) -> dict[str, Any]:
+    """The request as plain data (A1111 "parameters"); images are left out, units summarised."""
+    skip = {"extra", "init_images", "mask", "controlnet", "ip_adapters"}
+    out = {f.name: getattr(request, f.name) for f in fields(request) if f.name not in skip}
+    out["loras"] = [dict(name=r.name, weight=r.weight, te_weight=r.te_weight, block_weights=r.block_weights)
+                    for r in request.loras]
+    out["controlnet"] = [{k: getattr(u, k) for k in ("enabled", "module", "model", "weight", "guidance_start",
+                                                      "guidance_end", "control_mode", "resize_mode", "pixel_perfect",
+                                                      "processor_res", "threshold_a", "threshold_b")}
+                         for u in request.controlnet]
+    out["ip_adapters"] = [{"model": r.model, "weight": r.weight, "images": len(r.images)} for r in request.ip_adapters]
+    return out
+
+
+def _result_info(request: GenerationRequest, model: Any, images: list[GeneratedImage], base_seed: int,
+                 base_subseed: int, subseeds: list[int], started: float, loras: Any, plan: SamplingPlan) -> dict:
+    """A1111's "info": seeds, infotexts, model... (plus our warnings and LoRA layer counts)."""
+    return {
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         "seed": base_seed,
@@ -250,6 +336,6 @@ def run_txt2img(model: Any, request: GenerationRequest, control: Any, options: R
         "warnings": list(loras.warnings) if loras else [],
         "lora_layers": {k: list(v) for k, v in getattr(loras, "matched", {}).items()} if loras else {},
         "version": VERSION,
+        "mode": plan.mode,
+        **plan.info,
     }
-    parameters = {k: v for k, v in asdict(request).items() if k not in ("extra",)}
-    return GenerationResult(images=tuple(images), parameters=parameters, info=info, interrupted=interrupted)

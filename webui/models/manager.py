@@ -45,6 +45,7 @@ class LoadedModel:
     cache_hit: bool
     patcher: Any = None  # webui.models.lora.LoraPatcher, created on first LoRA use
     embeddings: Any = None  # webui.models.embeddings.EmbeddingState of its text encoder(s)
+    task_pipes: dict = dataclasses.field(default_factory=dict)  # webui.generation.pipeline_tasks views
 
     @property
     def arch(self) -> Arch:

@@ -183,6 +183,17 @@ def write_sd15_checkpoint(directory: Path, name: str | None = None, *, inpaint: 
     return _write(directory, name, "sd15_inpaint" if inpaint else "sd15", seed=seed, dtype=dtype)
 
 
+def write_sd15_pix2pix_checkpoint(directory: Path, name: str = "tiny_sd15_pix2pix.safetensors", *, seed: int = 0,
+                                  dtype: torch.dtype = torch.float16) -> Path:
+    """An instruction-edit (instruct-pix2pix) SD1.5: the UNet takes 8 channels (latents + image latents)."""
+    from diffusers import UNet2DConditionModel
+
+    models = build_components("sd15", seed=seed, dtype=dtype)
+    torch.manual_seed(seed)
+    models["unet"] = _finish(UNet2DConditionModel.from_config(tiny_config("sd15", "unet", in_channels=8)), dtype)
+    return save_safetensors(ldm_checkpoint("sd15", models, seed=seed), Path(directory) / name, dtype=dtype)
+
+
 def write_sd2_checkpoint(directory: Path, name: str | None = None, *, v_pred: bool = True, v_pred_marker: bool = False,
                          seed: int = 0, dtype: torch.dtype = torch.float16) -> Path:
     """SD2.x 768-v (``v_pred``) or 512-base; like the real files, the weights do not say which unless

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from webui.generation.hires import HiresTools
-from webui.generation.runner import RunOptions, run_txt2img
+from webui.generation.runner import RunOptions, run_generation, txt2img_plan
 from webui.generation.upscale_job import run_upscale_job, upscale_settings, upscaler_entries
 from webui.models.embeddings import prompt_warnings
 from webui.models.manager import merge_lora_refs
 from webui.prompt.parser import extract_lora_tags
+from webui.image_requests import Img2ImgRequest
 from webui.types import GenerationRequest, LoadModelRequest, UpscaleRequest
 
 if TYPE_CHECKING:
@@ -47,7 +48,27 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
         options = _run_options(ctx)
         if request.enable_hr:
             options = replace(options, hires=HiresTools(upscaler_entries(ctx), ctx.cache, upscale_settings(ctx)))
-        return run_txt2img(model, request, control, options, loras=applied)
+        control_for = _control_for(ctx, model, request, control) if request.controlnet else None
+        if isinstance(request, Img2ImgRequest):
+            from webui.generation.img2img import build_plan
+
+            plan = build_plan(model, request, control_for)
+        else:
+            plan = txt2img_plan(model, request, control_for(None) if control_for else None)
+        attachment = None
+        if request.ip_adapters:
+            control.update(text=f"reference images: {len(request.ip_adapters)} IP-Adapter(s)")
+            attachment = ctx.ip_adapters.attach(plan.pipe, request.ip_adapters, base_arch=model.arch,
+                                                num_images_per_prompt=request.batch_size,
+                                                do_cfg=request.cfg_scale > 1.0)
+            plan = replace(plan, call_kwargs={**plan.call_kwargs, **attachment.kwargs},
+                           infotext={**plan.infotext, **attachment.infotext})
+        try:
+            result = run_generation(model, request, control, options, plan, loras=applied)
+        finally:
+            if attachment is not None:
+                attachment.detach()
+        return replace(result, extra_images=plan.extra_images) if plan.extra_images else result
 
     def load_model(job: "Job", control: "JobControl"):
         request: LoadModelRequest = job.request
@@ -59,4 +80,18 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
     def upscale(job: "Job", control: "JobControl"):
         return run_upscale_job(ctx, job.request, control, _run_options(ctx))
 
-    return {GenerationRequest: generate, LoadModelRequest: load_model, UpscaleRequest: upscale}
+    return {GenerationRequest: generate, Img2ImgRequest: generate, LoadModelRequest: load_model,
+            UpscaleRequest: upscale}
+
+
+def _control_for(ctx: "AppContext", model: Any, request: GenerationRequest, control: "JobControl"):
+    """(init image or None) -> ControlConditioning for this job's ControlNet units (None: all disabled)."""
+    from webui.generation.control import prepare_control
+
+    def prepare(init_image: Any):
+        control.update(text=f"ControlNet: preparing {len(request.controlnet)} unit(s)")
+        return prepare_control(request.controlnet, base_arch=model.arch, width=request.width, height=request.height,
+                               init_image=init_image, loader=ctx.controlnets, preprocessors=ctx.preprocessors,
+                               annotators_dir=ctx.settings.controlnet_dir / "annotators")
+
+    return prepare

@@ -1,0 +1,182 @@
+"""Request types for jobs that take images: img2img / edit / inpaint, ControlNet units, reference images.
+
+Like ``webui.types`` these are frozen and keyword-only, and validate themselves so that the UI and the API
+report the same message for the same mistake.  They hold PIL images, so they compare by identity
+(``eq=False``).  ``Img2ImgRequest`` extends ``GenerationRequest``: every txt2img parameter (LoRA stack,
+sampler, batch, previews, ControlNet units, reference images) means the same thing in img2img.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from webui.types import GenerationRequest, RequestError, _check_range
+
+MAX_INPUT_SIDE = 8192  # init / mask / control images larger than this are refused with a message
+MAX_INPUT_PIXELS = 8192 * 8192
+MAX_CONTROL_UNITS = 8
+MAX_REFERENCE_IMAGES = 8
+
+# A1111 resize_mode values (img2img and ControlNet units use the same numbers)
+RESIZE_JUST_RESIZE = 0
+RESIZE_CROP_AND_RESIZE = 1
+RESIZE_AND_FILL = 2
+RESIZE_LATENT_UPSCALE = 3  # "Just resize (latent upscale)": resized like 0 here
+RESIZE_MODE_NAMES = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+
+# A1111 inpainting_fill values ("Masked content")
+FILL_FILL = 0
+FILL_ORIGINAL = 1
+FILL_LATENT_NOISE = 2
+FILL_LATENT_NOTHING = 3
+MASKED_CONTENT_NAMES = ("fill", "original", "latent noise", "latent nothing")
+
+# ControlNet control modes (sd-webui-controlnet names and numbers)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+
+
+def check_image(image: Any, label: str) -> None:
+    """A usable PIL image: has a size, not empty, not larger than MAX_INPUT_SIDE."""
+    size = getattr(image, "size", None)
+    if not size or len(size) != 2:
+        raise RequestError(f"{label}: not an image")
+    width, height = size
+    if width < 1 or height < 1:
+        raise RequestError(f"{label}: empty image ({width}x{height})")
+    if max(width, height) > MAX_INPUT_SIDE or width * height > MAX_INPUT_PIXELS:
+        raise RequestError(f"{label} is {width}x{height}; the largest accepted side is {MAX_INPUT_SIDE} pixels. "
+                           "Downscale it first.")
+
+
+def _as_tuple(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if value is None:
+        object.__setattr__(obj, name, ())
+    elif not isinstance(value, tuple):
+        object.__setattr__(obj, name, tuple(value) if isinstance(value, list) else (value,))
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ControlUnit:
+    """One ControlNet unit (field names follow the sd-webui-controlnet API).
+
+    ``image`` None means "use the img2img input image" (in txt2img it is then an error).
+    ``module`` is the preprocessor name ("none": the image already is the control map); ``model`` is a
+    catalog name from ``models/ControlNet``.
+    """
+
+    enabled: bool = True
+    image: Any = None
+    module: str = "none"
+    model: str = ""
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    control_mode: str = "Balanced"
+    resize_mode: int = RESIZE_CROP_AND_RESIZE
+    pixel_perfect: bool = False
+    processor_res: int = 512
+    threshold_a: float | None = None  # preprocessor parameter 1 (canny: low threshold), None: its default
+    threshold_b: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.control_mode, int) and not isinstance(self.control_mode, bool):
+            if not 0 <= self.control_mode < len(CONTROL_MODES):
+                raise RequestError(f"ControlNet control_mode must be 0, 1 or 2, got {self.control_mode}")
+            object.__setattr__(self, "control_mode", CONTROL_MODES[self.control_mode])
+        if self.control_mode not in CONTROL_MODES:
+            raise RequestError(f"ControlNet control_mode {self.control_mode!r} is not one of {', '.join(CONTROL_MODES)}")
+        if isinstance(self.resize_mode, str):
+            names = {"just resize": 0, "crop and resize": 1, "resize and fill": 2, "inner fit (scale to fit)": 1,
+                     "outer fit (shrink to fit)": 2, "envelope (outer fit)": 2}
+            key = self.resize_mode.strip().lower()
+            if key not in names:
+                raise RequestError(f"ControlNet resize_mode {self.resize_mode!r} is not Just Resize, "
+                                   "Crop and Resize or Resize and Fill")
+            object.__setattr__(self, "resize_mode", names[key])
+        if self.resize_mode not in (0, 1, 2):
+            raise RequestError(f"ControlNet resize_mode must be 0, 1 or 2, got {self.resize_mode}")
+        if not self.enabled:
+            return
+        if not self.model:
+            raise RequestError("ControlNet unit has no model: pick one from models/ControlNet")
+        _check_range("ControlNet weight", self.weight, 0.0, 2.0)
+        _check_range("ControlNet guidance start", self.guidance_start, 0.0, 1.0)
+        _check_range("ControlNet guidance end", self.guidance_end, 0.0, 1.0)
+        if self.guidance_start >= self.guidance_end:
+            raise RequestError(f"ControlNet guidance start {self.guidance_start} must be below its end "
+                               f"{self.guidance_end}")
+        _check_range("ControlNet processor resolution", self.processor_res, 64, 2048)
+        if self.image is not None:
+            check_image(self.image, f"ControlNet image for {self.model}")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ReferenceImages:
+    """IP-Adapter reference images: one adapter file (``models/ipadapter``) with one or more images."""
+
+    model: str
+    images: tuple[Any, ...] = ()
+    weight: float = 1.0
+    image_encoder: str | None = None  # catalog name in models/clip_vision; None: the one matching the adapter
+
+    def __post_init__(self) -> None:
+        _as_tuple(self, "images")
+        if not self.model:
+            raise RequestError("reference images have no IP-Adapter model: pick one from models/ipadapter")
+        if not self.images:
+            raise RequestError(f"IP-Adapter {self.model}: add at least one reference image")
+        if len(self.images) > MAX_REFERENCE_IMAGES:
+            raise RequestError(f"IP-Adapter {self.model}: at most {MAX_REFERENCE_IMAGES} reference images")
+        _check_range(f"IP-Adapter {self.model} weight", self.weight, 0.0, 2.0)
+        for index, image in enumerate(self.images):
+            check_image(image, f"IP-Adapter {self.model} reference image {index + 1}")
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Img2ImgRequest(GenerationRequest):
+    """An img2img / edit / inpaint job (A1111 field names).
+
+    ``init_images`` are cycled over the batch.  With ``mask`` it is an inpaint job: white = change.
+    ``width``/``height`` are the output size; the init image is fitted to it with ``resize_mode``.
+    """
+
+    init_images: tuple[Any, ...] = ()
+    mask: Any = None
+    resize_mode: int = RESIZE_JUST_RESIZE
+    denoising_strength: float = 0.75
+    image_cfg_scale: float = 1.5  # instruction-edit (instruct-pix2pix) models only
+    mask_blur: int = 4
+    inpainting_fill: int = FILL_ORIGINAL
+    inpaint_full_res: bool = False  # True: "Only masked" inpaint area
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: bool = False
+    names: tuple[str, ...] = field(default=())  # original file names, for messages
+
+    job_kind = "img2img"
+
+    def __post_init__(self) -> None:
+        _as_tuple(self, "init_images")
+        _as_tuple(self, "names")
+        if self.enable_hr:
+            raise RequestError("hires fix is a txt2img option; for img2img raise the width/height instead")
+        super().__post_init__()
+        if not self.init_images:
+            raise RequestError("img2img needs an input image: upload one, paste one, or send one from another tab")
+        for index, image in enumerate(self.init_images):
+            check_image(image, self.names[index] if index < len(self.names) else f"input image {index + 1}")
+        _check_range("denoising_strength", self.denoising_strength, 0.0, 1.0)
+        _check_range("image_cfg_scale", self.image_cfg_scale, 0.0, 30.0)
+        _check_range("mask_blur", self.mask_blur, 0, 64)
+        _check_range("inpaint_full_res_padding", self.inpaint_full_res_padding, 0, 256)
+        if self.resize_mode not in (0, 1, 2, 3):
+            raise RequestError(f"resize_mode must be 0..3 ({', '.join(RESIZE_MODE_NAMES)}), got {self.resize_mode}")
+        if self.inpainting_fill not in (0, 1, 2, 3):
+            raise RequestError(f"inpainting_fill must be 0..3 ({', '.join(MASKED_CONTENT_NAMES)}), "
+                               f"got {self.inpainting_fill}")
+        if self.mask is not None:
+            check_image(self.mask, "mask")
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.mask is not None
