@@ -39,6 +39,10 @@ class AppContext:
     messages: list[str] = field(default_factory=list)  # start-up notes shown in the UI (empty models/, ...)
     plugins: Any = None  # webui.plugins.manager.PluginManager (extensions), set by create()
     lora_library: Any = None  # webui.lora_library.LoraLibrary (LoRA browser: index, bookmarks, usage), set by create()
+    samplers: Any = None  # webui.generation.samplers.SamplerRegistry (built-in + extension samplers), set by create()
+    controlnets: Any = None  # webui.models.controlnet.ControlNetLoader, set by create()
+    preprocessors: Any = None  # webui.generation.preprocessors registry (built-in + extension), set by create()
+    ip_adapters: Any = None  # webui.models.ip_adapter.IpAdapterLoader, set by create()
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
@@ -62,6 +66,8 @@ class AppContext:
             messages=list(options.load_warnings),
         )
         ctx.plugins = plugins_from_settings(settings, options.get).load()
+        from webui.generation.samplers import SamplerRegistry  # built-in + extension samplers/schedule types
+        ctx.samplers = SamplerRegistry.from_plugins(ctx.plugins)
         ctx.lora_library = LoraLibrary.from_settings(settings, catalog.roots("lora"))  # scans lazily
         ctx.messages.extend(options.add_specs(ctx.plugins.option_specs()))
         for request_type, handler in build_handlers(ctx).items():
@@ -113,7 +119,7 @@ class AppContext:
         """Fill in "current" choices at submit time so that a job describes exactly what it runs."""
         from webui.generation.samplers import resolve as resolve_sampler
 
-        resolve_sampler(request.sampler, request.schedule)  # RequestError now, not later on the worker
+        resolve_sampler(request.sampler, request.schedule, self.samplers)  # RequestError now
         changes: dict[str, Any] = {}
         if request.checkpoint is None:
             checkpoint = self.selected_checkpoint()

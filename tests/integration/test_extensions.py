@@ -1,7 +1,8 @@
 """Extensions end to end: a third-party plugin installed as a distribution (entry point group
 ``webui.extensions`` on a sys.path entry) is discovered and runs in a real generation; extensions raising in
 every hook are disabled and the generation still finishes; the shipped examples work; ``/ext/<name>`` routes
-sit behind the API credentials and answer 404 while their extension is disabled."""
+sit behind the API credentials and answer 404 while their extension is disabled; samplers and schedule
+types from an extension (API 1.1) are listed in the UI and ``/sdapi/v1`` and drive real pipelines."""
 from __future__ import annotations
 
 import base64
@@ -14,6 +15,7 @@ import textwrap
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tests.fixtures.factory import TinyModels
@@ -75,6 +77,34 @@ def write_raisers(ext_dir) -> None:
         (folder / "main.py").write_text("from webui.plugins.api import hookimpl\n@hookimpl\n" + code)
 
 
+SAMPLER_EXT = '''
+import diffusers
+from webui.plugins.api import NamedEntry, hookimpl
+
+def trailing(scheduler_config):
+    return diffusers.EulerDiscreteScheduler.from_config(scheduler_config, timestep_spacing="trailing")
+
+def linear(n_steps, sigma_min, sigma_max):
+    return [sigma_max + (sigma_min - sigma_max) * i / max(n_steps - 1, 1) for i in range(n_steps)]
+
+@hookimpl
+def webui_samplers():
+    return [NamedEntry(name="Euler Trailing", factory=trailing, description="Euler with trailing spacing")]
+
+@hookimpl
+def webui_schedulers():
+    return [NamedEntry(name="Linear Sigmas", factory=linear)]
+'''
+
+
+def write_sampler_ext(ext_dir) -> None:
+    folder = ext_dir / "more_samplers"
+    folder.mkdir(parents=True)
+    (folder / "extension.toml").write_text('name = "more_samplers"\nversion = "0.1.0"\napi = ">=1.1,<2"\n'
+                                           'entry = "main"\n')
+    (folder / "main.py").write_text(SAMPLER_EXT)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("site")
@@ -93,6 +123,7 @@ def ctx(site, tmp_path_factory, fixture_cache):
     root = tmp_path_factory.mktemp("ext_gen")
     TinyModels(root, fixture_cache).path("sd15")
     write_raisers(root / "extensions")
+    write_sampler_ext(root / "extensions")
     context = AppContext.create(Settings.for_data_dir(root))
     context.options.update({"sd_model_checkpoint": "tiny_sd15"})
     yield context
@@ -153,6 +184,56 @@ def test_wildcards_and_watermark_examples_in_a_real_generation(ctx):
     assert not (a != b).any(axis=2)[:20, :20].any(), "nothing else changed"
 
 
+def test_extension_sampler_and_schedule_are_offered_in_the_ui(ctx):
+    from webui.ui import build_ui
+
+    assert ctx.plugins.get("more_samplers").status == "enabled", ctx.plugins.get("more_samplers").error
+    assert ctx.samplers.sampler_names()[-1] == "Euler Trailing"
+    components = build_ui(ctx).webui_components
+
+    def choices(suffix):
+        return [c[0] for c in next(comp for key, comp in components.items() if key.endswith(suffix)).choices]
+
+    assert "Euler Trailing" in choices("txt2img.sampler") and "Linear Sigmas" in choices("txt2img.schedule")
+    assert "Euler Trailing" in choices(".hr_sampler_name") and "Linear Sigmas" in choices(".hr_scheduler")
+
+
+def test_extension_schedule_drives_txt2img_and_img2img_pipelines(ctx):
+    """The registry's schedulers in real diffusers pipelines (what the runner and the hires fix do)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    model = ctx.manager.ensure("tiny_sd15")
+    pipe = model.pipe
+    config = model.components.scheduler_config
+    prompt = dict(prompt="a fox", negative_prompt="", height=64, width=64, output_type="latent")
+    pipe.scheduler = ctx.samplers.make_scheduler(config, "Euler Trailing", "Linear Sigmas", seed=1)
+    latents = pipe(**prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    sigmas = pipe.scheduler.sigmas.tolist()
+    assert torch.isfinite(latents).all() and len(sigmas) == 4 and sigmas[-1] == 0
+    assert abs((sigmas[0] - sigmas[1]) - (sigmas[1] - sigmas[2])) < 1e-3 * sigmas[0]  # linear in sigma
+    uniform = ctx.samplers.make_scheduler(config, "Euler Trailing", "Uniform")
+    pipe.scheduler = uniform
+    other = pipe(**prompt, num_inference_steps=3, generator=torch.Generator().manual_seed(1)).images
+    assert not torch.allclose(latents, other)  # the schedule type changed the result
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)  # as the hires fix builds it
+    img2img.scheduler = ctx.samplers.make_scheduler(config, "DPM++ 2M", "Linear Sigmas")
+    image = Image.new("RGB", (64, 64), (120, 80, 40))
+    out = img2img(**prompt, image=image, strength=0.5, num_inference_steps=4,
+                  generator=torch.Generator().manual_seed(2)).images
+    assert torch.isfinite(out).all() and len(img2img.scheduler.timesteps) == 4  # 4 steps, half of them run
+
+
+def test_a_job_with_an_extension_sampler_runs_end_to_end(ctx):
+    job = ctx.run(GenerationRequest(prompt="a fox", seed=5, sampler="Euler Trailing", schedule="Linear Sigmas",
+                                    **SMALL), timeout=300)
+    assert job.state is JobState.DONE, job.error
+    fields = parse_infotext(read_infotext(job.result.images[0].path))
+    assert fields["Sampler"] == "Euler Trailing" and fields["Schedule type"] == "Linear Sigmas"
+    builtin = ctx.run(GenerationRequest(prompt="a fox", seed=5, sampler="Euler", schedule="Linear Sigmas", **SMALL),
+                      timeout=300)
+    assert builtin.state is JobState.DONE, builtin.error
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -170,6 +251,7 @@ def test_extension_routes_are_behind_auth_and_follow_enable(site, tmp_path):
     from webui.app import start
 
     write_raisers(tmp_path / "extensions")
+    write_sampler_ext(tmp_path / "extensions")
     settings = Settings.for_data_dir(tmp_path, port=free_port(), nowebui=True, api_auth=(("user", "pw"),))
     running = start(settings)
     try:
@@ -191,6 +273,14 @@ def test_extension_routes_are_behind_auth_and_follow_enable(site, tmp_path):
             assert spec["section"] == "Extension: contact_sheet" and options["values"]["contact_sheet_watermark"] == ""
             bad_option = client.post("/webui/v1/options", json={"wildcards_folder": 5}, headers=auth)
             assert bad_option.status_code == 422 and "wildcards_folder" in bad_option.text
+            listed = {s["name"]: s for s in client.get("/sdapi/v1/samplers", headers=auth).json()}
+            assert listed["Euler Trailing"]["options"]["extension"] == "more_samplers" and "Euler a" in listed
+            assert listed["Euler Trailing"]["aliases"] == ["more_samplers:Euler Trailing"]
+            schedules = [s["label"] for s in client.get("/sdapi/v1/schedulers", headers=auth).json()]
+            assert schedules[0] == "Automatic" and schedules[-1] == "Linear Sigmas"
+            running.ctx.plugins.set_enabled("more_samplers", False)
+            listed = [s["name"] for s in client.get("/sdapi/v1/samplers", headers=auth).json()]
+            assert "Euler Trailing" not in listed and "Euler a" in listed
             running.ctx.plugins.set_enabled("contact_sheet", False)
             assert client.post("/ext/contact_sheet/grid", json=body, headers=auth).status_code == 404
             running.ctx.plugins.set_enabled("contact_sheet", True)

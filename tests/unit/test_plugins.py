@@ -223,6 +223,90 @@ def webui_upscalers():
     assert [(name, e.name) for name, e in entries] == [("reg", "Nearest x2")]
 
 
+SAMPLER_EXT = """
+import diffusers
+from webui.plugins.api import NamedEntry
+
+def trailing(config):
+    return diffusers.EulerDiscreteScheduler.from_config(config, timestep_spacing="trailing")
+
+def linear(n, sigma_min, sigma_max):
+    return [sigma_max + (sigma_min - sigma_max) * i / max(n - 1, 1) for i in range(n)]
+
+@hookimpl
+def webui_samplers():
+    return [NamedEntry(name="Euler Trailing", factory=trailing), NamedEntry(name="DDIM", factory=trailing)]
+
+@hookimpl
+def webui_schedulers():
+    return [NamedEntry(name="Linear Sigmas", factory=linear)]
+"""
+
+
+def test_api_1_1_makes_the_sampler_registries_real(tmp_path):
+    from webui.generation.samplers import SamplerRegistry, sampler_names
+
+    assert API_VERSION.startswith("1.") and tuple(map(int, API_VERSION.split(".")[:2])) >= (1, 1)
+    write_ext(tmp_path / "ext", "samp", SAMPLER_EXT, api=">=1.1,<2")
+    pm = manager(tmp_path)
+    registry = SamplerRegistry.from_plugins(pm)
+    record = pm.get("samp")
+    assert record.status == "enabled"  # the clashing "DDIM" is refused, the extension stays enabled
+    assert "sampler 'DDIM' refused" in record.error and "built-in sampler 'DDIM'" in record.error
+    assert registry.sampler_names() == [*sampler_names(), "Euler Trailing"]
+    assert registry.schedule_names()[-1] == "Linear Sigmas"
+    scheduler = registry.make_scheduler({"num_train_timesteps": 1000}, "Euler Trailing", "Linear Sigmas")
+    scheduler.set_timesteps(3)
+    sigmas = scheduler.sigmas.tolist()
+    assert len(sigmas) == 4 and sigmas[-1] == 0 and abs((sigmas[0] - sigmas[1]) - (sigmas[1] - sigmas[2])) < 1e-3
+    pm.set_enabled("samp", False)  # disabled at run time: gone from the lists, refused with a reason
+    assert "Euler Trailing" not in registry.sampler_names() and "Linear Sigmas" not in registry.schedule_names()
+    with pytest.raises(RequestError, match="extension 'samp', which is disabled"):
+        registry.resolve("Euler Trailing")
+    pm.set_enabled("samp", True)
+    assert registry.resolve("samp:Euler Trailing").sampler == "Euler Trailing"
+
+
+def test_a_failing_sampler_factory_disables_only_its_extension(tmp_path):
+    from webui.generation.samplers import SamplerRegistry
+
+    write_ext(tmp_path / "ext", "good", SAMPLER_EXT)
+    write_ext(tmp_path / "ext", "broken", """
+from webui.plugins.api import NamedEntry
+
+def at_start(config):
+    raise RuntimeError("broken at start")
+
+@hookimpl
+def webui_samplers():
+    return [NamedEntry(name="At Start", factory=at_start)]
+""")
+    write_ext(tmp_path / "ext", "later", """
+from webui.plugins.api import NamedEntry
+import diffusers
+
+def in_a_job(config):
+    if config.get("prediction_type") == "v_prediction":
+        raise RuntimeError("broken in a job")
+    return diffusers.EulerDiscreteScheduler.from_config(config)
+
+@hookimpl
+def webui_samplers():
+    return [NamedEntry(name="Later", factory=in_a_job)]
+""")
+    pm = manager(tmp_path)
+    registry = SamplerRegistry.from_plugins(pm)
+    broken = pm.get("broken")
+    assert broken.status == "error" and "broken at start" in broken.error and "Traceback" in broken.error
+    assert "At Start" not in registry.samplers and "Later" in registry.sampler_names()
+    with pytest.raises(RequestError) as err:
+        registry.make_scheduler({"prediction_type": "v_prediction"}, "Later")
+    assert "sampler 'Later' from extension 'later' failed (RuntimeError: broken in a job)" in str(err.value)
+    assert pm.get("later").status == "error" and "broken in a job" in pm.get("later").error
+    assert pm.get("good").status == "enabled" and "Euler Trailing" in registry.sampler_names()
+    assert "Later" not in registry.sampler_names()
+
+
 # ---- install -----------------------------------------------------------------------------------
 def test_install_refused_when_listening_publicly(tmp_path):
     source = write_ext(tmp_path / "src", "inst", "")

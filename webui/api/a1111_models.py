@@ -175,11 +175,11 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
 
     @router.get("/samplers", response_model=list[SamplerItem])
     def list_samplers():
-        return samplers.describe_samplers()
+        return samplers.describe_samplers(ctx.samplers)  # built-ins + extensions
 
     @router.get("/schedulers", response_model=list[SchedulerItem])
     def list_schedulers():
-        return samplers.describe_schedules()
+        return samplers.describe_schedules(ctx.samplers)
 
     @router.get("/upscalers", response_model=list[UpscalerItem])
     def upscalers():

@@ -129,7 +129,8 @@ def _upscale_images(images: list[Image.Image], size: tuple[int, int], request: G
 
 
 def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, seeds: list[int], control: Any,
-              started: float, tools: HiresTools | None = None) -> tuple[torch.Tensor | None, bool]:
+              started: float, tools: HiresTools | None = None,
+              samplers: Any = None) -> tuple[torch.Tensor | None, bool]:
     """Second pass for one batch; returns (final latents, interrupted)."""
     from webui.generation.runner import decode
     from webui.generation.samplers import make_scheduler
@@ -152,7 +153,8 @@ def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, 
     img_pipe.scheduler = make_scheduler(
         model.components.scheduler_config, sampler, schedule,
         prediction_type=model.prediction.value if model.prediction else None,
-        rescale_betas_zero_snr=bool(model.components.zero_terminal_snr), seed=seeds[0] if seeds else None)
+        rescale_betas_zero_snr=bool(model.components.zero_terminal_snr), seed=seeds[0] if seeds else None,
+        registry=samplers)
     prompt = request.hr_prompt or request.prompt
     negative = request.hr_negative_prompt or request.negative_prompt
     embeds = model.encoder.encode_schedule(prompt, negative, hr_steps, request.clip_skip)[0][1]

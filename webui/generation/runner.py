@@ -42,6 +42,7 @@ class RunOptions:
     preview_every: int = 1
     plugins: Any = None  # PluginManager: on_step / postprocess_image hooks (None: no extensions)
     hires: Any = None  # webui.generation.hires.HiresTools (image upscalers for the hires fix)
+    samplers: Any = None  # webui.generation.samplers.SamplerRegistry (None: built-ins only)
 
 
 class StepReporter:
@@ -210,12 +211,12 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
     first = schedule[0][1]
     cfg_on = request.cfg_scale > 1.0
     # 3. Scheduler, fresh for this job.
-    choice = resolve_sampler(request.sampler, request.schedule)
+    choice = resolve_sampler(request.sampler, request.schedule, registry=options.samplers)
     pipe.scheduler = make_scheduler(
         model.components.scheduler_config, request.sampler, request.schedule,
         prediction_type=model.prediction.value if model.prediction else None,
         rescale_betas_zero_snr=bool(model.components.zero_terminal_snr),
-        seed=base_seed,
+        seed=base_seed, registry=options.samplers,
     )
     # 4. Sample each batch.
     latent_shape = (pipe.vae.config.latent_channels, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
@@ -265,7 +266,8 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
             continue
         if request.enable_hr:  # 4b. hires fix: upscale + second pass (webui.generation.hires)
             latents, interrupted = run_hires(model=model, request=request, latents=latents, seeds=batch_seeds,
-                                             control=control, started=started, tools=options.hires)
+                                             control=control, started=started, tools=options.hires,
+                                             samplers=options.samplers)
             if interrupted:
                 break
         # 5. Decode, infotext, save.

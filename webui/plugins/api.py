@@ -29,7 +29,7 @@ import pluggy
 
 from webui.types import GeneratedImage, GenerationRequest, GenerationResult, LoraRef, Progress, RequestError
 
-API_VERSION = "1.0.0"
+API_VERSION = "1.1.0"  # 1.1: webui_samplers / webui_schedulers are used (were reserved in 1.0)
 PROJECT = "webui"
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -70,7 +70,15 @@ class UIPart:
 
 @dataclass(frozen=True, kw_only=True)
 class NamedEntry:
-    """An entry for one of the reserved registries (samplers, schedulers, upscalers, preprocessors)."""
+    """An entry for a registry hook; what ``factory`` is depends on the hook (see its spec in ``spec.py``):
+
+    * ``webui_samplers``: ``factory(scheduler_config: dict) -> diffusers scheduler`` (may also take ``seed=``);
+    * ``webui_schedulers``: ``factory(n_steps, sigma_min, sigma_max) -> n_steps sigmas``;
+    * ``webui_upscalers``: ``factory(image, scale) -> image``;
+    * ``webui_controlnet_preprocessors`` (reserved): ``factory(image, **params) -> image``.
+
+    ``name`` is what users see and type (UI lists, the API, infotext); ``description`` is shown with it.
+    """
 
     name: str
     factory: Callable[..., Any]

@@ -340,8 +340,36 @@ class PluginManager:
         return parts
 
     def registry_entries(self, hook_name: str) -> list[tuple[str, Any]]:
-        """Entries of a reserved registry hook (``webui_samplers``...): ``(extension, NamedEntry)``."""
+        """Entries of a registry hook (``webui_samplers``, ``webui_upscalers``...): ``(extension, NamedEntry)``."""
         return [(record.name, entry) for record, result in self._call(hook_name) for entry in (result or ())]
+
+    # ---- registry entries (samplers, schedule types): webui.generation.samplers.ExtensionCalls ----------
+    def extension_active(self, name: str) -> bool:
+        return name in self._records and self._records[name].active
+
+    def call_entry(self, name: str, where: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an entry's factory (wrapped in ``fn``): ``RequestError`` if the extension is not active, or if
+        ``fn`` raises, which also disables the extension until restart, as with a failing hook."""
+        record = self._records.get(name)
+        if record is None or not record.active:
+            raise RequestError(f"{where} is not available: its extension {name!r} is "
+                               f"{record.status if record else 'not loaded'} (see the Extensions tab)")
+        try:
+            return fn(*args, **kwargs)
+        except RequestError:
+            raise
+        except Exception as exc:
+            self._fail(record, where)
+            first = str(exc).splitlines()[0][:200] if str(exc) else ""
+            raise RequestError(f"{where} from extension {name!r} failed ({type(exc).__name__}: {first}); the "
+                               "extension is disabled until restart, its traceback is in the Extensions tab") from None
+
+    def report_problem(self, name: str, message: str) -> None:
+        """Note a refused entry (bad or clashing name) on an extension that stays enabled."""
+        with self._lock:
+            record = self._records.get(name)
+            if record is not None:
+                record.error = f"{record.error}\n{message}" if record.error else message
 
     def install_routes(self, app: Any, route_cls: Any) -> list[str]:
         """Mount ``/ext/<name>`` routers (with the app's auth route class) for every active extension."""

@@ -99,23 +99,48 @@ def webui_postprocess_image(image: Any, seed: int, index: int, request: "Generat
 
 
 # ---------------------------------------------------------------------------------------------------
-# Registries: ``webui_upscalers`` is used in 1.0; samplers, schedulers and ControlNet preprocessors are
-# reserved (collected; the generation code starts using them in a later 1.x without changing signatures)
+# Registries: ``webui_upscalers`` (1.0), ``webui_samplers`` and ``webui_schedulers`` (1.1) are used;
+# ControlNet preprocessors are reserved (collected; used in a later 1.x without changing the signature).
+# Registry entries are collected once at start-up: an extension enabled later adds them after a restart.
 # ---------------------------------------------------------------------------------------------------
 
 @hookspec
 def webui_samplers(api: "ExtensionAPI") -> "list[NamedEntry] | None":
-    """Extra samplers. ``factory(scheduler_config) -> diffusers scheduler``.
+    """Extra samplers (sampling methods), listed after the built-ins in the UI, ``/sdapi/v1/samplers`` and
+    accepted as ``sampler_name`` (also as ``<extension>:<name>``).
+
+    ``factory(scheduler_config) -> diffusers scheduler`` (a ``SchedulerMixin``); it may also declare ``seed``
+    (the job's seed).  ``scheduler_config`` is a copy of the model's scheduler config dict; build from it,
+    e.g. ``EulerDiscreteScheduler.from_config(scheduler_config, timestep_spacing="trailing")``.  The app
+    rebuilds the result with ``type(s).from_config(s.config, ...)`` to apply the model's prediction type /
+    zero-terminal SNR and the sigma options of a chosen schedule type ("Automatic" keeps yours), so pass
+    every option as a constructor argument.  The schedule types offered are those whose options the class
+    accepts (plus ``webui_schedulers`` entries if its ``set_timesteps`` takes ``sigmas``/``timesteps``).
+
+    The factory is probed once at start-up with an SD 1.5 config: a failing probe, or a failure in a job,
+    disables the extension (that job fails with a message).  A name already taken (a built-in, another
+    extension) is refused and the reason is shown in the Extensions tab.
 
     .. versionadded:: 1.0 (reserved)
+    .. versionchanged:: 1.1 used by generation
     """
 
 
 @hookspec
 def webui_schedulers(api: "ExtensionAPI") -> "list[NamedEntry] | None":
-    """Extra schedule types (sigma schedules). ``factory(n_steps, sigma_min, sigma_max) -> sigmas``.
+    """Extra schedule types (sigma schedules), listed after the built-ins ("Schedule type",
+    ``/sdapi/v1/schedulers``, the ``scheduler`` field).
+
+    ``factory(n_steps, sigma_min, sigma_max) -> sigmas``: ``n_steps`` finite, positive, non-increasing
+    floats (a list, numpy array or tensor), without the final 0, which the app appends.  ``sigma_min`` /
+    ``sigma_max`` are the model's (from its noise schedule).  diffusers takes a custom schedule through
+    ``set_timesteps(sigmas=...)`` (Euler: exact) or ``set_timesteps(timesteps=...)`` (DPM++ 2M and its SDE
+    variants, DPM++ 2S a, Heun: each sigma is mapped to the nearest training timestep), so the schedule type
+    is offered for those samplers only; others refuse it with a message.  Probed once at start-up
+    (4 steps); failures are isolated as for ``webui_samplers``.
 
     .. versionadded:: 1.0 (reserved)
+    .. versionchanged:: 1.1 used by generation
     """
 
 
@@ -125,7 +150,7 @@ def webui_upscalers(api: "ExtensionAPI") -> "list[NamedEntry] | None":
     the hires-fix upscaler list after the built-ins and model files (a name already taken is skipped); an
     exception inside ``factory`` fails that upscale job with its message.
 
-    .. versionadded:: 1.0 (in use since 1.0; the other registry hooks below are reserved)
+    .. versionadded:: 1.0
     """
 
 

@@ -28,6 +28,7 @@ def _run_options(ctx: "AppContext") -> RunOptions:
         previews=bool(ctx.options.get("live_previews_enable")),
         preview_every=int(ctx.options.get("show_progress_every_n_steps")),
         plugins=ctx.plugins,
+        samplers=getattr(ctx, "samplers", None),
     )
 
 

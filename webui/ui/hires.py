@@ -46,11 +46,12 @@ def render(ctx: Any) -> dict[str, Any]:
                                          elem_id="txt2img_hr_resize_x", min_width=160)
             c["hr_resize_y"] = gr.Slider(0, 4096, value=0, step=8, precision=0, label="Resize height to",
                                          elem_id="txt2img_hr_resize_y", min_width=160)
+        registry = ctx.samplers  # built-in + extension samplers and schedule types
         with gr.Row():
-            c["hr_sampler_name"] = gr.Dropdown([f"{HIRES_SAME} sampler", *sampler_names()],
+            c["hr_sampler_name"] = gr.Dropdown([f"{HIRES_SAME} sampler", *sampler_names(registry)],
                                                value=f"{HIRES_SAME} sampler", label="Hires sampling method",
                                                elem_id="txt2img_hr_sampler", min_width=160)
-            c["hr_scheduler"] = gr.Dropdown([f"{HIRES_SAME} schedule", *schedule_names()],
+            c["hr_scheduler"] = gr.Dropdown([f"{HIRES_SAME} schedule", *schedule_names(registry)],
                                             value=f"{HIRES_SAME} schedule", label="Hires schedule type",
                                             elem_id="txt2img_hr_scheduler", min_width=160)
         c["hr_prompt"] = gr.Textbox("", label="Hires prompt (empty = same prompt)", lines=2,
