@@ -20,7 +20,8 @@ from webui.plugins.manager import from_settings as plugins_from_settings
 from webui.runtime.handlers import build_handlers
 from webui.runtime.worker import Job, Worker
 from webui.settings import Settings
-from webui.types import GenerationRequest, JobState, LoadModelRequest, ModelKind, RequestError
+from webui.image_requests import Img2ImgRequest
+from webui.types import GenerationRequest, JobState, LoadModelRequest, ModelKind, RequestError, Variant
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,20 @@ class AppContext:
         if request.vae is None:
             changes["vae"] = self.options.get("sd_vae") or AUTOMATIC_VAE
         request = request.with_changes(**changes) if changes else request
+        if isinstance(request, Img2ImgRequest):
+            self._check_img2img(request)
         return self.plugins.modify_request(request) if self.plugins is not None else request
+
+    def _check_img2img(self, request: Img2ImgRequest) -> None:
+        """What can be known before the job runs (a 422 in the API instead of a failed job)."""
+        from webui.generation.img2img import steps_to_run
+
+        try:
+            record = self.catalog.get(ModelKind.CHECKPOINT.value, request.checkpoint)
+        except LookupError:
+            return  # the job reports the missing checkpoint with its suggestions
+        if record.variant is not Variant.INSTRUCT_PIX2PIX:
+            steps_to_run(request)
 
     def submit(self, request: Any, *, client: str | None = None) -> Job:
         if isinstance(request, GenerationRequest):

@@ -147,7 +147,7 @@ def test_unknown_fields_and_nulls_are_accepted(server):
     ({"sampler_name": "Nope"}, 422, "sampler_name 'Nope' is unknown"),
     ({"override_settings": {"sd_model_checkpoint": "missing_model"}}, 422, "missing_model"),
     ({"override_settings": {"sd_vae": "missing_vae"}}, 422, "missing_vae"),
-    ({"alwayson_scripts": {"controlnet": {"args": []}}}, 422, "always on script 'controlnet' not found"),
+    ({"alwayson_scripts": {"adetailer": {"args": []}}}, 422, "always on script 'adetailer' not found"),
     ({"enable_hr": True, "hr_scale": 9}, 422, "hr_scale must be between"),
 ])
 def test_txt2img_invalid_values(server, fields, status, fragment):
@@ -163,10 +163,9 @@ def test_invalid_json_is_422(server):
     assert response.status_code == 422 and "JSON" in response.json()["errors"]
 
 
-def test_not_yet_available_routes_say_so(server):
-    for path in ("img2img",):
-        response = server.client.post(f"/sdapi/v1/{path}", json={"init_images": []})
-        assert response.status_code == 501 and "not available yet" in response.json()["detail"], path
+def test_img2img_without_an_image_says_so(server):
+    response = server.client.post("/sdapi/v1/img2img", json={"init_images": []})
+    assert response.status_code == 422 and "init_images" in response.json()["errors"]
 
 
 def test_override_settings_switch_model_for_one_job_only(server):

@@ -127,7 +127,7 @@ def test_strip_title_hash():
     ({"batch_size": 0}, "batch_size must be between"),
     ({"n_iter": 1000}, "n_iter must be between"),
     ({"script_name": "x/y plot"}, "script 'x/y plot' not found"),
-    ({"alwayson_scripts": {"controlnet": {"args": []}}}, "always on script 'controlnet' not found"),
+    ({"alwayson_scripts": {"adetailer": {"args": []}}}, "always on script 'adetailer' not found"),
 ])
 def test_invalid_values_raise_request_error(fields, message):
     with pytest.raises(RequestError, match=message):

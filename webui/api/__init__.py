@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from webui.api import a1111, a1111_models, docs, extras, files, jobs, options_api
+from webui.api import a1111, a1111_models, controlnet, docs, extras, files, jobs, options_api
 from webui.api.auth import BasicAuth
 from webui.api.routing import DEFAULT_MAX_BODY, RouteConfig, Waiter, route_class
 
@@ -26,6 +26,7 @@ def install_routes(app: FastAPI, ctx, *, max_body: int = DEFAULT_MAX_BODY) -> No
         routers.append(a1111.build_router(ctx, route_cls, waiter))
         routers.append(a1111_models.build_router(ctx, route_cls, waiter))
         routers.append(extras.build_router(ctx, route_cls, waiter))
+        routers.append(controlnet.build_router(ctx, route_cls, waiter))  # /controlnet/* (sd-webui-controlnet)
     routers.append(jobs.build_router(ctx, route_cls, waiter))
     routers.append(options_api.build_router(ctx, route_cls, waiter))
     routers.append(files.build_router(ctx, route_cls))

@@ -1,5 +1,6 @@
-"""A1111-compatible generation routes: ``/sdapi/v1/txt2img``, ``progress``, ``interrupt``, ``skip``,
-``png-info``, and honest 501 answers for what this version does not have yet (img2img, extras).
+"""A1111-compatible generation routes: ``/sdapi/v1/txt2img``, ``img2img``, ``progress``, ``interrupt``, ``skip``,
+``png-info``.  ControlNet units (``alwayson_scripts``) are checked against the catalog here too
+(``controlnet.resolve_units``); the ``/controlnet/*`` routes are in ``controlnet.py``.
 
 A synchronous A1111 call is just submit + wait on the shared worker queue: the wait runs in a
 thread of our own limiter, so the event loop never blocks and the UI's thread pool is not used up.
@@ -11,22 +12,21 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from webui.api import convert
+from webui.api import controlnet, convert, convert_img2img
 from webui.api.images import decode_image, encode_png_b64, preview_b64, text_items
 from webui.api.routing import ApiError, Waiter, client_id
-from webui.api.schemas import PNGInfoRequest, PNGInfoResponse, ProgressResponse, TextToImageResponse, Txt2ImgRequest
+from webui.api.schemas import (ImageToImageResponse, Img2ImgRequest, PNGInfoRequest, PNGInfoResponse,
+                               ProcessingRequest, ProgressResponse, TextToImageResponse, Txt2ImgRequest)
 from webui.types import GenerationRequest, JobState, ModelKind, RequestError
 
 PREFIX = "/sdapi/v1"
 NO_VAE_NAMES = ("", "None", "Automatic")
 
-NOT_YET = {
-    "/img2img": "img2img (and inpainting) is not available yet in this version of the WebUI; txt2img is.",
-}
-
 
 def api_defaults(ctx) -> convert.ApiDefaults:
-    return convert.ApiDefaults(clip_skip=int(ctx.options.get("CLIP_stop_at_last_layers")))
+    return convert.ApiDefaults(clip_skip=int(ctx.options.get("CLIP_stop_at_last_layers")),
+                               ip_adapter_models=controlnet.ip_adapter_names(ctx),
+                               samplers=getattr(ctx, "samplers", None))
 
 
 def resolve_models(ctx, request: GenerationRequest) -> GenerationRequest:
@@ -45,7 +45,15 @@ def resolve_models(ctx, request: GenerationRequest) -> GenerationRequest:
             raise RequestError(
                 f"override_settings.sd_vae: {exc} Use Automatic, None or a name from /sdapi/v1/sd-vae.") from None
         changes["vae"] = record.name
-    return request.with_changes(**changes) if changes else request
+    request = request.with_changes(**changes) if changes else request
+    return controlnet.resolve_units(ctx, request)
+
+
+def prepare(ctx, converter, body: ProcessingRequest) -> tuple[convert.Txt2ImgConversion, GenerationRequest]:
+    """Convert a request body and check its model names: decodes images and may import preprocessors,
+    so routes call it in a worker thread (``waiter.run``), never on the event loop."""
+    conv = converter(body, api_defaults(ctx))
+    return conv, resolve_models(ctx, conv.request)
 
 
 def finished_job_error(job) -> ApiError | None:
@@ -61,7 +69,7 @@ def finished_job_error(job) -> ApiError | None:
 def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
     router = APIRouter(prefix=PREFIX, route_class=route_cls, strict_content_type=False, tags=["A1111 compatible"])
 
-    def txt2img_response(job, body: Txt2ImgRequest, conv: convert.Txt2ImgConversion) -> dict[str, Any]:
+    def generation_response(job, body: ProcessingRequest, conv: convert.Txt2ImgConversion) -> dict[str, Any]:
         error = finished_job_error(job)
         if error is not None:
             raise error
@@ -76,17 +84,23 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
             ctx.options.update(keep)  # override_settings_restore_afterwards: false
         return {"images": images, "parameters": convert.a1111_parameters(body), "info": json.dumps(info)}
 
+    async def generate(converter, body: ProcessingRequest, request: Request) -> dict[str, Any]:
+        conv, job_request = await waiter.run(prepare, ctx, converter, body)
+        job = ctx.submit(job_request, client=client_id(request))
+        await waiter.until_finished(job)
+        return await waiter.run(generation_response, job, body, conv)
+
     @router.post("/txt2img", response_model=TextToImageResponse, summary="Generate images from a prompt",
                  responses={422: {"description": "invalid field value"}, 501: {"description": "feature not available"}})
     async def txt2img(body: Txt2ImgRequest, request: Request):
-        conv = convert.txt2img_request(body, api_defaults(ctx))
-        job = ctx.submit(resolve_models(ctx, conv.request), client=client_id(request))
-        await waiter.until_finished(job)
-        return await waiter.run(txt2img_response, job, body, conv)
+        return await generate(convert.txt2img_request, body, request)
 
-    for path, message in NOT_YET.items():
-        router.add_api_route(path, _no_body(message), methods=["POST"], summary=f"{path[1:]}: not available yet",
-                             responses={501: {"description": message}}, name=f"sdapi{path.replace('-', '_')}")
+    @router.post("/img2img", response_model=ImageToImageResponse,
+                 summary="Generate images from images (img2img, inpaint with a mask)",
+                 responses={422: {"description": "invalid field value or image"},
+                            501: {"description": "feature not available"}})
+    async def img2img(body: Img2ImgRequest, request: Request):
+        return await generate(convert_img2img.img2img_request, body, request)
 
     @router.post("/png-info", response_model=PNGInfoResponse, summary="Read the infotext of an image")
     def png_info(body: PNGInfoRequest):
@@ -116,10 +130,3 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
         return None
 
     return router
-
-
-def _no_body(message: str):
-    def endpoint() -> None:  # the body is read (size-limited) but not parsed: there is nothing to do with it
-        raise ApiError(501, message, error="NotImplemented")
-
-    return endpoint

@@ -1,7 +1,9 @@
 """Pure conversion between A1111 API JSON and our types (no FastAPI, no context, no torch).
 
 * ``txt2img_request``: ``Txt2ImgRequest`` (A1111 fields) -> ``GenerationRequest`` + what the route needs
-  (send_images, warnings about ignored fields, options to keep afterwards).
+  (send_images, warnings about ignored fields, options to keep afterwards).  ``common_fields`` is the part
+  every generation request shares (img2img adds its own in ``convert_img2img``), including ControlNet units
+  and IP-Adapter references from ``alwayson_scripts`` (``controlnet_units``).
 * ``a1111_info`` / ``a1111_parameters``: a finished job -> A1111's ``info`` / ``parameters``.
 * ``a1111_progress`` / ``job_info``: a ``Job`` -> ``/sdapi/v1/progress`` and ``/webui/v1/jobs/{id}``.
 """
@@ -16,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Mapping
 
-from webui.api.schemas import Txt2ImgRequest
+from webui.api import controlnet_units
+from webui.api.schemas import ProcessingRequest, Txt2ImgRequest
 from webui.generation import samplers
 from webui.options import SPECS_BY_KEY
 from webui.types import GenerationRequest, JobState, RequestError
@@ -43,6 +46,7 @@ _INFOTEXT_FIELDS: Mapping[str, str] = {
     "batch_size": "batch_size",
     "sampler": "sampler_name",
     "schedule": "scheduler",
+    "denoising_strength": "denoising_strength",
 }
 
 
@@ -52,13 +56,17 @@ class NotAvailable(Exception):
 
 @dataclass(frozen=True)
 class ApiDefaults:
-    """Option values that fill in what an A1111 request leaves unset."""
+    """Option values that fill in what an A1111 request leaves unset, and catalog facts conversion needs."""
 
     clip_skip: int = 1
+    ip_adapter_models: frozenset[str] = frozenset()  # lower-case names/file names of IP-Adapter files
+    samplers: Any = None  # the app's SamplerRegistry (extension samplers too); None: the built-ins
 
 
 @dataclass(frozen=True)
 class Txt2ImgConversion:
+    """A converted request (txt2img, or img2img with an ``Img2ImgRequest``) and what its route needs."""
+
     request: GenerationRequest
     send_images: bool
     warnings: tuple[str, ...] = ()
@@ -74,7 +82,7 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
-def apply_infotext(body: Txt2ImgRequest) -> Txt2ImgRequest:
+def apply_infotext(body: ProcessingRequest) -> ProcessingRequest:
     """A1111 v1.10 ``infotext`` field: values from it fill every field the request did not set."""
     if not body.infotext:
         return body
@@ -91,23 +99,26 @@ def apply_infotext(body: Txt2ImgRequest) -> Txt2ImgRequest:
     return body.model_copy(update=updates)
 
 
-def resolve_sampler(sampler_name: str | None, scheduler: str | None) -> tuple[str, str]:
+def resolve_sampler(sampler_name: str | None, scheduler: str | None,
+                    registry: "samplers.SamplerRegistry | None" = None) -> tuple[str, str]:
     """A1111 ``get_sampler_and_scheduler``: ("DPM++ 2M Karras", None) -> ("DPM++ 2M", "Karras").
 
     Unlike A1111 (which silently falls back to its first sampler) unknown names are an error.
+    ``registry``: the app's ``ctx.samplers`` (extension samplers and schedule types); default: built-ins.
     """
+    reg = registry if registry is not None else samplers.BUILTIN
     raw = sampler_name or A1111_DEFAULT_SAMPLER
-    name, implied = samplers.split_legacy_name(raw)
+    name, implied = reg.split_legacy_name(raw)
     if name is None:
-        raise RequestError(f"sampler_name {raw!r} is unknown; valid samplers: {', '.join(samplers.sampler_names())}")
-    schedule = samplers.canonical_schedule(scheduler)
+        raise RequestError(f"sampler_name {raw!r} is unknown; valid samplers: {', '.join(reg.sampler_names())}")
+    schedule = reg.canonical_schedule(scheduler)
     if schedule is None:
         raise RequestError(
-            f"scheduler {scheduler!r} is unknown; valid schedulers: {', '.join(samplers.schedule_names())}"
+            f"scheduler {scheduler!r} is unknown; valid schedulers: {', '.join(reg.schedule_names())}"
         )
     if implied:  # as in A1111, a schedule spelled into the sampler name wins
         schedule = implied
-    samplers.resolve(name, schedule)  # the pair must be one the sampler supports
+    reg.resolve(name, schedule)  # the pair must be one the sampler supports
     return name, schedule
 
 
@@ -119,18 +130,14 @@ def _override(overrides: Mapping[str, Any], key: str) -> Any:
     return spec.coerce(value) if spec else value  # OptionError (-> 422) names the key
 
 
-def _unsupported(body: Txt2ImgRequest) -> None:
-    if body.enable_hr and body.hr_checkpoint_name and body.hr_checkpoint_name.strip() not in ("", "Use same checkpoint"):
-        raise NotAvailable("a separate hires checkpoint (hr_checkpoint_name) is not available yet in this version")
+def _unsupported(body: ProcessingRequest) -> None:
     if body.refiner_checkpoint and body.refiner_checkpoint.strip() not in ("", "None"):
         raise NotAvailable("the SDXL refiner (refiner_checkpoint) is not available yet in this version")
     if body.script_name:
         raise RequestError(f"script {body.script_name!r} not found: this version has no scripts")
-    for name in body.alwayson_scripts or {}:
-        raise RequestError(f"always on script {name!r} not found: this version has no always-on scripts")
 
 
-def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
+def _hires_fields(body: Txt2ImgRequest, registry: Any = None) -> dict[str, Any]:
     """A1111 hires-fix fields -> GenerationRequest fields (only when ``enable_hr``)."""
     if not body.enable_hr:
         return {}
@@ -138,7 +145,7 @@ def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
     hr_sampler = body.hr_sampler_name if body.hr_sampler_name not in (None, *same) else None
     hr_schedule = body.hr_scheduler if body.hr_scheduler not in (None, *same) else None
     if hr_sampler is not None:
-        hr_sampler, hr_schedule = resolve_sampler(hr_sampler, hr_schedule or "Automatic")
+        hr_sampler, hr_schedule = resolve_sampler(hr_sampler, hr_schedule or "Automatic", registry)
     return {"enable_hr": True, "hr_scale": _or(body.hr_scale, 2.0), "hr_upscaler": body.hr_upscaler or "Latent",
             "hr_second_pass_steps": _or(body.hr_second_pass_steps, 0), "hr_resize_x": _or(body.hr_resize_x, 0),
             "hr_resize_y": _or(body.hr_resize_y, 0), "denoising_strength": _or(body.denoising_strength, 0.7),
@@ -146,15 +153,19 @@ def _hires_fields(body: Txt2ImgRequest) -> dict[str, Any]:
             "hr_prompt": body.hr_prompt or "", "hr_negative_prompt": body.hr_negative_prompt or ""}
 
 
-def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults()) -> Txt2ImgConversion:
-    """A1111 txt2img JSON -> a validated ``GenerationRequest``; RequestError/OptionError/NotAvailable."""
-    body = apply_infotext(body)
+def common_fields(body: ProcessingRequest, defaults: ApiDefaults = ApiDefaults(), *,
+                  init_image: Any = None) -> tuple[dict[str, Any], tuple[str, ...], dict[str, Any]]:
+    """The ``GenerationRequest`` keyword arguments every A1111 generation request shares.
+
+    ``body`` has had ``apply_infotext``.  Returns (fields, warnings, options to keep afterwards).
+    ``init_image``: img2img's first input, the image of ControlNet / IP-Adapter units that send none.
+    """
     _unsupported(body)
     warnings = []
     for flag in ("restore_faces", "tiling"):
         if getattr(body, flag):
             warnings.append(f"{flag} is not available yet in this version and was ignored")
-    sampler, schedule = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler)
+    sampler, schedule = resolve_sampler(body.sampler_name or body.sampler_index, body.scheduler, defaults.samplers)
     overrides = dict(body.override_settings or {})
     checkpoint = _override(overrides, "sd_model_checkpoint")
     vae = _override(overrides, "sd_vae")
@@ -162,7 +173,10 @@ def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults())
     ignored = sorted(key for key in overrides if key not in OVERRIDE_FIELDS)
     if ignored:
         warnings.append("override_settings not applied per job: " + ", ".join(ignored))
-    request = GenerationRequest(
+    always_on = controlnet_units.alwayson_fields(body.alwayson_scripts, init_image=init_image,
+                                                 ip_adapter_models=defaults.ip_adapter_models)
+    warnings.extend(always_on.warnings)
+    fields = dict(
         prompt=_or(body.prompt, ""),
         negative_prompt=_or(body.negative_prompt, ""),
         steps=_or(body.steps, 50),
@@ -181,18 +195,37 @@ def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults())
         vae=vae or None,
         save_images=bool(body.save_images),  # A1111: do_not_save_samples = not save_images
         styles=tuple(str(s) for s in (body.styles or ())),
-        **_hires_fields(body),
+        controlnet=always_on.controlnet,
+        ip_adapters=always_on.ip_adapters,
     )
     keep = {}
     if body.override_settings_restore_afterwards is False:
         keep = {key: overrides[key] for key in OVERRIDE_FIELDS if overrides.get(key) is not None}
+    return fields, tuple(warnings), keep
+
+
+def txt2img_request(body: Txt2ImgRequest, defaults: ApiDefaults = ApiDefaults()) -> Txt2ImgConversion:
+    """A1111 txt2img JSON -> a validated ``GenerationRequest``; RequestError/OptionError/NotAvailable."""
+    body = apply_infotext(body)
+    if body.enable_hr and body.hr_checkpoint_name and body.hr_checkpoint_name.strip() not in ("", "Use same checkpoint"):
+        raise NotAvailable("a separate hires checkpoint (hr_checkpoint_name) is not available yet in this version")
+    fields, warnings, keep = common_fields(body, defaults)
+    request = GenerationRequest(**fields, **_hires_fields(body, defaults.samplers))
     return Txt2ImgConversion(request=request, send_images=_or(body.send_images, True),
-                             warnings=tuple(warnings), keep_options=keep)
+                             warnings=warnings, keep_options=keep)
 
 
-def a1111_parameters(body: Txt2ImgRequest) -> dict[str, Any]:
-    """A1111 returns the request it received, every field included."""
-    return plain(body.model_dump())
+IMAGE_INPUT_FIELDS = ("init_images", "mask")  # echoed in parameters only with include_init_images (A1111)
+
+
+def a1111_parameters(body: ProcessingRequest) -> dict[str, Any]:
+    """A1111 returns the request it received, every field included (img2img inputs only on request)."""
+    echo_inputs = bool(getattr(body, "include_init_images", False))
+    present = [name for name in IMAGE_INPUT_FIELDS if name in type(body).model_fields]
+    data = plain(body.model_dump(exclude=None if echo_inputs else set(present)))
+    if not echo_inputs:
+        data.update({name: None for name in present})
+    return data
 
 
 def job_timestamp(started_at: float | None) -> str:
@@ -229,7 +262,8 @@ def a1111_info(result: Any, request: GenerationRequest, *, job_id: str | None = 
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": request.denoising_strength if request.enable_hr else None,
+        "denoising_strength": (request.denoising_strength
+                               if request.enable_hr or request.job_kind == "img2img" else None),
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": [],
@@ -308,20 +342,28 @@ def job_info(job: Any, position: int | None, *, prefix: str = "/webui/v1") -> di
     return info
 
 
+def _is_image(value: Any) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
+
+
 def plain(value: Any) -> Any:
-    """JSON-safe copy: enums -> values, paths -> str, tuples -> lists, dataclasses -> dicts."""
+    """JSON-safe copy: enums -> values, paths -> str, tuples -> lists, dataclasses -> dicts, images -> None."""
     if isinstance(value, enum.Enum):
         return plain(value.value)
     if isinstance(value, dict):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         return [plain(v) for v in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return plain(dataclasses.asdict(value))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # fields, not asdict: no deep copies
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
+    if _is_image(value):
+        return None  # parameters never carry pixels
     return str(value)

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from webui.api import convert
-from webui.api.a1111 import api_defaults, resolve_models
+from webui.api import convert, convert_img2img
+from webui.api.a1111 import prepare
 from webui.api.files import output_url
 from webui.api.images import encode_png_b64, png_bytes, preview_b64
 from webui.api.routing import ApiError, Waiter, client_id
@@ -25,6 +25,8 @@ from webui.types import GenerationResult, JobState
 PREFIX = "/webui/v1"
 KEEPALIVE_S = 10.0
 ImagesMode = Literal["base64", "url", "none"]
+# job type -> converter of the request body (the same conversions as /sdapi/v1/txt2img and /img2img)
+CONVERTERS = {"txt2img": convert.txt2img_request, "img2img": convert_img2img.img2img_request}
 
 
 def sse(event: str, data: Any, *, event_id: str | None = None) -> str:
@@ -74,8 +76,8 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
                  summary="Queue a job; returns its id at once",
                  responses={422: {"description": "invalid field value"}, 501: {"description": "feature not available"}})
     async def submit(body: JobSubmit, request: Request):
-        conv = convert.txt2img_request(body, api_defaults(ctx))
-        job = ctx.submit(resolve_models(ctx, conv.request), client=client_id(request))
+        conv, job_request = await waiter.run(prepare, ctx, CONVERTERS[body.type], body)  # off the event loop
+        job = ctx.submit(job_request, client=client_id(request))
         data = describe(job)
         data["warnings"] = list(conv.warnings)
         return data

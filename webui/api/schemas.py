@@ -15,8 +15,8 @@ class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, protected_namespaces=())
 
 
-class Txt2ImgRequest(_Lenient):
-    """``POST /sdapi/v1/txt2img`` (A1111 ``StableDiffusionTxt2ImgProcessingAPI``)."""
+class ProcessingRequest(_Lenient):
+    """Fields every A1111 generation request has (``StableDiffusionProcessing`` + the API's own)."""
 
     prompt: Optional[str] = ""
     negative_prompt: Optional[str] = ""
@@ -50,8 +50,22 @@ class Txt2ImgRequest(_Lenient):
     refiner_checkpoint: Optional[str] = None
     refiner_switch_at: Optional[float] = None
     disable_extra_networks: Optional[bool] = False
-    firstpass_image: Optional[str] = None
     comments: Optional[dict[str, Any]] = None
+    force_task_id: Optional[str] = None
+    sampler_index: Optional[str] = "Euler"
+    script_name: Optional[str] = None
+    script_args: Optional[list[Any]] = Field(default_factory=list)
+    send_images: Optional[bool] = True
+    save_images: Optional[bool] = False
+    alwayson_scripts: Optional[dict[str, Any]] = Field(
+        default_factory=dict, description='{"controlnet": {"args": [unit, ...]}} (sd-webui-controlnet units)')
+    infotext: Optional[str] = None
+
+
+class Txt2ImgRequest(ProcessingRequest):
+    """``POST /sdapi/v1/txt2img`` (A1111 ``StableDiffusionTxt2ImgProcessingAPI``)."""
+
+    firstpass_image: Optional[str] = None
     enable_hr: Optional[bool] = False
     firstphase_width: Optional[int] = 0
     firstphase_height: Optional[int] = 0
@@ -65,20 +79,82 @@ class Txt2ImgRequest(_Lenient):
     hr_scheduler: Optional[str] = None
     hr_prompt: Optional[str] = ""
     hr_negative_prompt: Optional[str] = ""
-    force_task_id: Optional[str] = None
-    sampler_index: Optional[str] = "Euler"
-    script_name: Optional[str] = None
-    script_args: Optional[list[Any]] = Field(default_factory=list)
-    send_images: Optional[bool] = True
-    save_images: Optional[bool] = False
-    alwayson_scripts: Optional[dict[str, Any]] = Field(default_factory=dict)
-    infotext: Optional[str] = None
+
+
+class Img2ImgRequest(ProcessingRequest):
+    """``POST /sdapi/v1/img2img`` (A1111 ``StableDiffusionImg2ImgProcessingAPI``; defaults are A1111's)."""
+
+    init_images: Optional[list[Any]] = Field(default=None, description="base64 images, optionally data: URLs")
+    resize_mode: Optional[int] = Field(default=0, description="0 just resize, 1 crop and resize, 2 resize and fill, "
+                                                              "3 just resize (latent upscale)")
+    image_cfg_scale: Optional[float] = None
+    mask: Optional[str] = Field(default=None, description="base64 mask: white = change (inpaint)")
+    mask_blur_x: Optional[int] = 4
+    mask_blur_y: Optional[int] = 4
+    mask_blur: Optional[int] = None
+    mask_round: Optional[bool] = True
+    inpainting_fill: Optional[int] = Field(default=0, description="0 fill, 1 original, 2 latent noise, "
+                                                                  "3 latent nothing")
+    inpaint_full_res: Optional[bool] = Field(default=True, description="true: inpaint only the masked area")
+    inpaint_full_res_padding: Optional[int] = 0
+    inpainting_mask_invert: Optional[int] = 0
+    initial_noise_multiplier: Optional[float] = None
+    latent_mask: Optional[str] = None
+    include_init_images: Optional[bool] = Field(default=False, description="echo init_images/mask in parameters")
 
 
 class TextToImageResponse(BaseModel):
     images: Optional[list[str]] = Field(default=None, description="Generated images, base64 PNG with infotext")
     parameters: dict[str, Any]
     info: str = Field(description="JSON string: seeds, infotexts, model...")
+
+
+class ImageToImageResponse(TextToImageResponse):
+    """``/sdapi/v1/img2img`` answer; ``parameters.init_images``/``mask`` are null unless include_init_images."""
+
+
+# ------------------------------------------------------------------ sd-webui-controlnet
+class ControlNetUnitRequest(_Lenient):
+    """One unit of ``alwayson_scripts.controlnet.args`` (sd-webui-controlnet API field names)."""
+
+    enabled: Optional[bool] = True
+    image: Any = Field(default=None, description='base64 image, or {"image": b64, "mask": b64}')
+    input_image: Any = Field(default=None, description="old name of image")
+    mask: Optional[str] = None
+    mask_image: Any = None
+    module: Optional[str] = Field(default="none", description="preprocessor (see /controlnet/module_list)")
+    model: Optional[str] = Field(default="None", description='ControlNet or IP-Adapter, "name [hash]" or name')
+    weight: Optional[float] = 1.0
+    resize_mode: Optional[int | str] = Field(default=1, description="0/1/2 or Just Resize / Crop and Resize / "
+                                                                    "Resize and Fill")
+    low_vram: Optional[bool] = False
+    lowvram: Optional[bool] = None
+    processor_res: Optional[int] = -1
+    threshold_a: Optional[float] = -1
+    threshold_b: Optional[float] = -1
+    guidance_start: Optional[float] = 0.0
+    guidance_end: Optional[float] = 1.0
+    guessmode: Optional[bool] = None
+    control_mode: Optional[int | str] = Field(default=0, description="0/1/2 or Balanced / My prompt is more "
+                                                                     "important / ControlNet is more important")
+    pixel_perfect: Optional[bool] = False
+
+
+class ControlNetDetectRequest(_Lenient):
+    """``POST /controlnet/detect``: run a preprocessor on images (sd-webui-controlnet)."""
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list, description="base64 images")
+    controlnet_masks: Optional[list[Any]] = None
+    controlnet_processor_res: Optional[int] = 512
+    controlnet_threshold_a: Optional[float] = Field(default=None, description="omitted or -1: the module's default")
+    controlnet_threshold_b: Optional[float] = None
+    low_vram: Optional[bool] = False
+
+
+class ControlNetDetectResponse(BaseModel):
+    images: list[str] = Field(description="base64 PNG control maps, one per input image")
+    info: str = "Success"
 
 
 class PNGInfoRequest(_Lenient):
@@ -165,10 +241,13 @@ class MemoryResponse(BaseModel):
 
 
 # ------------------------------------------------------------------ /webui/v1 job API
-class JobSubmit(Txt2ImgRequest):
-    """``POST /webui/v1/jobs``: the same fields as ``/sdapi/v1/txt2img`` plus the job type."""
+class JobSubmit(Img2ImgRequest, Txt2ImgRequest):
+    """``POST /webui/v1/jobs``: the fields of ``/sdapi/v1/txt2img`` or ``/sdapi/v1/img2img``, plus the job type.
 
-    type: Literal["txt2img"] = Field(default="txt2img", description="job type; more come with img2img")
+    One model for both kinds (so a body without ``type`` stays a txt2img job); each kind reads its own fields.
+    """
+
+    type: Literal["txt2img", "img2img"] = Field(default="txt2img", description="job type: txt2img or img2img")
 
 
 class JobImage(BaseModel):

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from webui.ui import extensions_tab, models_bar, placeholders, png_info, settings_tab, txt2img, upscale
-from webui.ui import lora_browser
+from webui.ui import img2img, inpaint, lora_browser, send_to
 from webui.ui.common import CSS, Registry, theme
 
 
@@ -29,6 +29,8 @@ def tabs() -> tuple[TabSpec, ...]:
     coming = [TabSpec(key, label, placeholders.render_for(key)) for key, (label, _) in placeholders.COMING.items()]
     return (
         TabSpec(txt2img.SECTION, "txt2img", txt2img.render, txt2img.wire),
+        TabSpec(img2img.SECTION, "img2img / edit", img2img.render, img2img.wire),
+        TabSpec(inpaint.SECTION, "Inpaint", inpaint.render, inpaint.wire),
         *coming,
         TabSpec(upscale.SECTION, "Upscale", upscale.render, upscale.wire),
         TabSpec(lora_browser.SECTION, "LoRA", lora_browser.render, lora_browser.wire),
@@ -57,6 +59,7 @@ def build_ui(ctx: Any) -> gr.Blocks:
         for spec in specs:
             if spec.wire is not None:
                 spec.wire(ctx, registry, blocks)
+        send_to.wire(ctx, registry)  # "Send to img2img / inpaint / upscale" across tabs
     blocks.webui_launch_kwargs = {"theme": theme(), "css": CSS}
     blocks.webui_components = registry  # for plugins/tests: {"tab.name": Component}
     return blocks

@@ -1,4 +1,9 @@
-"""Tabs that arrive in later versions: each says so, and what to use meanwhile."""
+"""Tabs that arrive in later versions: each says so, and what to use meanwhile.
+
+``COMING`` is empty now (img2img / edit and Inpaint have their own modules); a tab announced for a later
+version is added here with its label and what it will do, and ``webui.ui.tabs()`` shows it after the
+generation tabs.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -6,10 +11,7 @@ from typing import Any
 import gradio as gr
 
 # key -> (tab label, what it will do)
-COMING: dict[str, tuple[str, str]] = {
-    "img2img": ("img2img / edit", "Image to image, sketch and instruct-pix2pix editing"),
-    "inpaint": ("Inpaint", "Inpainting with a painted mask, including 9-channel inpaint checkpoints"),
-}
+COMING: dict[str, tuple[str, str]] = {}
 
 
 def render_for(key: str) -> Any:

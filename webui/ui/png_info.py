@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from webui.io.metadata import infotext_to_request_fields, parse_infotext, read_infotext
+from webui.ui import send_to
 from webui.ui.common import Registry, status_html
 from webui.ui.requests import HIRES_FIELDS, txt2img_field_values
 
@@ -29,6 +30,7 @@ def render(ctx: Any) -> dict[str, Any]:
                                    elem_id="pnginfo_text")
             c["params"] = gr.JSON(label="Parsed", elem_id="pnginfo_params")
             c["send_txt2img"] = gr.Button("Send to txt2img", variant="primary", elem_id="pnginfo_send_txt2img")
+            c.update(send_to.render_buttons("pnginfo", ("img2img", "inpaint")))  # wired by send_to.wire
             c["status"] = gr.HTML("", label="Status", elem_id="pnginfo_status")
     return c
 

@@ -16,7 +16,7 @@ import gradio as gr
 from webui.generation.samplers import sampler_names, schedule_names
 from webui.types import JobState, RequestError
 from webui.ui import hires as hires_ui
-from webui.ui import lora_stack
+from webui.ui import lora_stack, send_to
 from webui.ui.common import Registry, session_id, status_html
 from webui.ui.progress import progress_html, watch
 from webui.ui.requests import TXT2IMG_FIELDS, txt2img_request
@@ -26,8 +26,8 @@ SECTION = "txt2img"
 
 def render(ctx: Any) -> dict[str, Any]:
     options = ctx.options.as_dict()
-    samplers = list(sampler_names())
-    schedules = list(schedule_names())
+    samplers = list(sampler_names(getattr(ctx, "samplers", None)))  # built-ins + extensions
+    schedules = list(schedule_names(getattr(ctx, "samplers", None)))
     default_sampler = options.get("default_sampler") or "Euler a"
     default_schedule = options.get("default_schedule") or "Automatic"
     c: dict[str, Any] = {}
@@ -84,6 +84,7 @@ def render(ctx: Any) -> dict[str, Any]:
             c["seed_used"] = gr.HTML("", label="Seed", elem_id="txt2img_seed_used")
             c["infotext"] = gr.Textbox(label="Generation parameters", lines=4, interactive=False,
                                        buttons=["copy"], elem_id="txt2img_infotext")
+            c.update(send_to.render_buttons(SECTION))  # "Send to img2img / inpaint / upscale" (send_to.wire)
     c["job_id"] = gr.State(None)
     c["infotexts"] = gr.State([])
     c["seeds"] = gr.State([])
@@ -112,14 +113,15 @@ def _gallery_item(ctx: Any, image: Any) -> Any:
     return pil
 
 
-def _seed_html(seeds: list[int]) -> str:
+def _seed_html(seeds: list[int], section: str = SECTION) -> str:
     if not seeds:
         return ""
     text = f"Seed: {seeds[0]}" if len(set(seeds)) == 1 else f"Seeds: {seeds[0]} … {seeds[-1]}"
-    return f'<div class="webui-status webui-status-info" id="txt2img_seed_value">{text}</div>'
+    return f'<div class="webui-status webui-status-info" id="{section}_seed_value">{text}</div>'
 
 
-def _finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str) -> dict[str, Any]:
+def finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str, section: str = SECTION) -> dict[str, Any]:
+    """The updates of a generation tab ``section`` (components ``c``) when its ``job`` has ended."""
     result = job.result
     images = list(result.images) if result is not None else []
     seeds = [img.seed for img in images]
@@ -140,7 +142,7 @@ def _finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str) -> dict[st
         updates.update({
             c["gallery"]: [_gallery_item(ctx, img) for img in images],
             c["infotext"]: infotexts[0] if infotexts else "",
-            c["seed_used"]: _seed_html(seeds),
+            c["seed_used"]: _seed_html(seeds, section),
             c["infotexts"]: infotexts,
             c["seeds"]: seeds,
             c["selected"]: 0,
@@ -178,13 +180,13 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
             yield update
         if job.state is JobState.FAILED or job.state is JobState.CANCELLED:
             message = job.error or job.state.value
-            yield {**_finish_updates(ctx, c, job, last.text if last else message),
+            yield {**finish_updates(ctx, c, job, last.text if last else message),
                    c["progress"]: progress_html(f"{job.state.value.capitalize()}: {message}", error=True,
                                                 active=False)}
             if job.state is JobState.FAILED:
                 raise gr.Error(message, print_exception=False)
             return
-        yield _finish_updates(ctx, c, job, last.text if last else "Done")
+        yield finish_updates(ctx, c, job, last.text if last else "Done")
 
     # inputs_kwargs: the handler gets {field name: value} and API clients see the same names
     # In the page Generate is disabled while this tab's job runs (API clients call /txt2img directly and
