@@ -22,6 +22,7 @@ class ModelKind(str, enum.Enum):
     CONTROLNET = "controlnet"
     IP_ADAPTER = "ip_adapter"
     CLIP_VISION = "clip_vision"
+    TEXT_ENCODER = "text_encoder"  # split (ComfyUI-style) text encoders: CLIP-L, T5-XXL, Qwen2.5-VL
     EMBEDDING = "embedding"
     UPSCALER = "upscaler"
     UNKNOWN = "unknown"
@@ -32,6 +33,9 @@ class Arch(str, enum.Enum):
     SD2 = "sd2"
     SDXL = "sdxl"
     SDXL_REFINER = "sdxl_refiner"
+    SD3 = "sd3"  # SD3 / SD3.5 (MMDiT)
+    FLUX = "flux"  # Flux.1 dev / schnell / Kontext (and Chroma-style derivatives where diffusers supports them)
+    QWEN_IMAGE = "qwen_image"  # Qwen-Image / Qwen-Image-Edit
     UNKNOWN = "unknown"
 
 
@@ -40,6 +44,7 @@ class Variant(str, enum.Enum):
     INPAINT = "inpaint"
     INSTRUCT_PIX2PIX = "instruct_pix2pix"
     DEPTH = "depth"
+    EDIT = "edit"  # instruction-edit DiT with reference image(s): Flux Kontext, Qwen-Image-Edit
 
 
 class Prediction(str, enum.Enum):

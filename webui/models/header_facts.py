@@ -21,7 +21,7 @@ from webui.types import Arch, Prediction
 # ---------------------------------------------------------------------------- metadata: arch, family, prediction
 FAMILY_BY_ARCH = MappingProxyType({
     Arch.SD1: "SD 1.5", Arch.SD2: "SD 2.x", Arch.SDXL: "SDXL", Arch.SDXL_REFINER: "SDXL Refiner",
-    Arch.UNKNOWN: "",
+    Arch.SD3: "SD3", Arch.FLUX: "Flux", Arch.QWEN_IMAGE: "Qwen-Image", Arch.UNKNOWN: "",
 })
 # SDXL derivatives, told apart only by what the file's metadata says (never by its file name).
 SDXL_DERIVATIVES = (
