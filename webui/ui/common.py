@@ -70,12 +70,12 @@ CSS = """
 .webui-progress-error { border-color: var(--error-border-color); color: var(--error-text-color); }
 .webui-progress-idle .webui-progress-fill { background: transparent; }
 .webui-tool { flex-grow: 0 !important; min-width: 2.8em !important; max-width: 3.2em; align-self: end; }
-#txt2img_generate { min-height: 3.6em; font-size: var(--text-lg); }
+#txt2img_generate, .webui-generate { min-height: 3.6em; font-size: var(--text-lg); }
 #txt2img_actions { gap: .5em; }
 #models_bar { align-items: end; }
 @media (max-width: 720px) {
   .webui-toprow { flex-direction: column !important; }
   .webui-toprow > * { width: 100% !important; min-width: 0 !important; }
-  #txt2img_generate { min-height: 3em; }
+  #txt2img_generate, .webui-generate { min-height: 3em; }
 }
 """
