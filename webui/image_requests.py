@@ -10,10 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from webui.types import GenerationRequest, RequestError, _check_range
+from webui.types import GenerationRequest, RequestError, _check_range, check_image
 
-MAX_INPUT_SIDE = 8192  # init / mask / control images larger than this are refused with a message
-MAX_INPUT_PIXELS = 8192 * 8192
+MAX_INPUT_SIDE = 8192  # init / mask / control images larger than this are refused with a message (check_image)
 MAX_CONTROL_UNITS = 8
 MAX_REFERENCE_IMAGES = 8
 
@@ -33,19 +32,6 @@ MASKED_CONTENT_NAMES = ("fill", "original", "latent noise", "latent nothing")
 
 # ControlNet control modes (sd-webui-controlnet names and numbers)
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
-
-
-def check_image(image: Any, label: str) -> None:
-    """A usable PIL image: has a size, not empty, not larger than MAX_INPUT_SIDE."""
-    size = getattr(image, "size", None)
-    if not size or len(size) != 2:
-        raise RequestError(f"{label}: not an image")
-    width, height = size
-    if width < 1 or height < 1:
-        raise RequestError(f"{label}: empty image ({width}x{height})")
-    if max(width, height) > MAX_INPUT_SIDE or width * height > MAX_INPUT_PIXELS:
-        raise RequestError(f"{label} is {width}x{height}; the largest accepted side is {MAX_INPUT_SIDE} pixels. "
-                           "Downscale it first.")
 
 
 def _as_tuple(obj: Any, name: str) -> None:

@@ -78,6 +78,18 @@ MAX_ITER = 100
 MAX_PROMPT_CHARS = 4096
 
 
+def check_image(image: Any, label: str, *, max_side: int = 8192, advice: str = "Downscale it first.") -> None:
+    """A usable PIL image: has a size, is not empty, no side longer than ``max_side``."""
+    size = getattr(image, "size", None)
+    if not size or len(size) != 2:
+        raise RequestError(f"{label}: not an image")
+    width, height = size
+    if width < 1 or height < 1:
+        raise RequestError(f"{label}: empty image ({width}x{height})")
+    if max(width, height) > max_side:
+        raise RequestError(f"{label} is {width}x{height}; the largest accepted side is {max_side} pixels. {advice}")
+
+
 def _check_range(name: str, value: float, low: float, high: float) -> None:
     if not low <= value <= high:
         raise RequestError(f"{name} must be between {low} and {high}, got {value}")
@@ -292,13 +304,5 @@ class UpscaleRequest:
             _check_range("upscaling_resize_w", self.upscaling_resize_w, 1, 16384)
             _check_range("upscaling_resize_h", self.upscaling_resize_h, 1, 16384)
         for index, image in enumerate(self.images):
-            label = self.names[index] if index < len(self.names) else f"image {index + 1}"
-            size = getattr(image, "size", None)
-            if not size or len(size) != 2:
-                raise RequestError(f"{label}: not an image")
-            width, height = size
-            if width < 1 or height < 1:
-                raise RequestError(f"{label}: empty image ({width}x{height})")
-            if max(width, height) > MAX_UPSCALE_INPUT_SIDE:
-                raise RequestError(f"{label} is {width}x{height}; the largest input side is "
-                                   f"{MAX_UPSCALE_INPUT_SIDE}. Downscale it or split it first.")
+            check_image(image, self.names[index] if index < len(self.names) else f"image {index + 1}",
+                        max_side=MAX_UPSCALE_INPUT_SIDE, advice="Downscale it or split it first.")

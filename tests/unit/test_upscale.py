@@ -174,7 +174,7 @@ def test_one_pixel_image_and_upscaler_2_blend(models):
 
 
 def test_request_validation_messages():
-    with pytest.raises(RequestError, match="largest input side"):
+    with pytest.raises(RequestError, match="largest accepted side"):
         UpscaleRequest(images=(SimpleNamespace(size=(20000, 20000)),), upscaler_1="Lanczos")
     with pytest.raises(RequestError, match="no image"):
         UpscaleRequest(images=(), upscaler_1="Lanczos")
