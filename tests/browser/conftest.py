@@ -7,10 +7,10 @@ tests skip when Playwright or the browser is missing.  Screenshots go to ``$WEBU
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from tests.fixtures.net import free_port
 
 CHROMIUM = os.environ.get("WEBUI_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -18,12 +18,6 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 SCREENSHOTS = Path(os.environ.get("WEBUI_SCREENSHOTS", "/tmp/webui-screenshots"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_app(data_dir: Path):

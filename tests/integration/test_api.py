@@ -9,9 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -22,23 +19,9 @@ import pytest
 from PIL import Image
 
 from webui.settings import Settings
+from tests.fixtures.net import free_port, place
 
 SMALL = {"prompt": "a tiny cat", "steps": 2, "width": 64, "height": 64}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def place(source: Path, target: Path) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-    return target
 
 
 def write_models(settings: Settings, fixture_cache) -> None:

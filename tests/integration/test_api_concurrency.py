@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from types import SimpleNamespace
@@ -18,16 +17,11 @@ import pytest
 
 from webui.settings import Settings
 from webui.types import GenerationRequest, JobState
+from tests.fixtures.net import free_port
 
 CLIENTS = 8
 JOBS_PER_CLIENT = 5
 SMALL = {"steps": 2, "width": 64, "height": 64}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

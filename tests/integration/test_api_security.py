@@ -6,7 +6,6 @@ import dataclasses
 import http.client
 import json
 import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,14 +20,9 @@ from webui.api.auth import BasicAuth, basic_header, parse_basic_header
 from webui.api.files import output_url, resolve_file
 from webui.api.routing import ApiError
 from webui.settings import Settings
+from tests.fixtures.net import free_port
 
 USERS = "alice:s3cret,bob:pa:ss:word"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def raw_get(base_url: str, raw_path: str, headers: dict | None = None) -> int:

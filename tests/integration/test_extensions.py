@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import importlib
 import io
-import socket
 import sys
 import textwrap
 
@@ -23,6 +22,7 @@ from webui.context import AppContext
 from webui.io.metadata import parse_infotext, read_infotext
 from webui.settings import Settings
 from webui.types import GenerationRequest, JobState
+from tests.fixtures.net import free_port
 
 SMALL = dict(width=64, height=64, steps=2, negative_prompt="blurry")
 MAGENTA = (255, 0, 255)
@@ -232,12 +232,6 @@ def test_a_job_with_an_extension_sampler_runs_end_to_end(ctx):
     builtin = ctx.run(GenerationRequest(prompt="a fox", seed=5, sampler="Euler", schedule="Linear Sigmas", **SMALL),
                       timeout=300)
     assert builtin.state is JobState.DONE, builtin.error
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_b64(color, size=(16, 8)) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import html
 import re
-import socket
 import time
 
 import pytest
@@ -17,15 +16,10 @@ from gradio_client import Client, handle_file  # noqa: E402
 from webui.io.metadata import parse_infotext, read_infotext  # noqa: E402
 from webui.settings import Settings  # noqa: E402
 from webui.types import JobState  # noqa: E402
+from tests.fixtures.net import free_port
 
 PROGRESS, PREVIEW, GALLERY, INFOTEXT, SEED, STATUS = range(6)
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def text_of(markup: str) -> str:

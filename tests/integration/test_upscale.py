@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 from types import SimpleNamespace
 
 import httpx
@@ -17,6 +16,7 @@ from webui.context import AppContext
 from webui.io.metadata import read_infotext
 from webui.settings import Settings
 from webui.types import JobState, UpscaleRequest
+from tests.fixtures.net import free_port
 
 
 def png_b64(image: Image.Image) -> str:
@@ -65,12 +65,6 @@ def test_bad_model_fails_its_job_and_the_worker_keeps_serving(ctx, bad, fragment
     assert job.state is JobState.FAILED and fragment in job.error and bad in job.error
     ok = ctx.run(UpscaleRequest(images=(noise(8, 8),), upscaler_1="Lanczos", save_images=False), timeout=60)
     assert ok.state is JobState.DONE and ok.result.images[0].image.size == (16, 16)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
