@@ -69,6 +69,11 @@ class AppContext:
         ctx.plugins = plugins_from_settings(settings, options.get).load()
         from webui.generation.samplers import SamplerRegistry  # built-in + extension samplers/schedule types
         ctx.samplers = SamplerRegistry.from_plugins(ctx.plugins)
+        from webui.generation.preprocessors import PreprocessorRegistry
+        from webui.models.controlnet import ControlNetLoader
+
+        ctx.controlnets = ControlNetLoader(catalog, cache, manager.plan, allow_pickle=settings.allow_pickle)
+        ctx.preprocessors = PreprocessorRegistry.from_plugins(ctx.plugins, cache=cache)
         ctx.lora_library = LoraLibrary.from_settings(settings, catalog.roots("lora"))  # scans lazily
         ctx.messages.extend(options.add_specs(ctx.plugins.option_specs()))
         for request_type, handler in build_handlers(ctx).items():

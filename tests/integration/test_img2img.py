@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.fixtures.controlnet_factory import place_controlnets
 from tests.fixtures.factory import TinyModels
 from webui.context import AppContext
-from webui.image_requests import Img2ImgRequest
+from webui.image_requests import ControlUnit, Img2ImgRequest
 from webui.io.metadata import parse_infotext
 from webui.settings import Settings
 from webui.types import GenerationRequest, JobState, RequestError
@@ -27,6 +28,8 @@ def ctx(tmp_path_factory, fixture_cache):
     models = TinyModels(root, fixture_cache)
     for name in ("sd15", "sd15_inpaint", "sd15_pix2pix"):
         models.path(name)
+    place_controlnets(root / "models" / "ControlNet", fixture_cache,
+                      ("tiny_control_sd15_canny.safetensors", "tiny_cn_sd15_diffusers", "tiny_cn_sdxl.safetensors"))
     context = AppContext.create(Settings.for_data_dir(root))
     context.options.update({"sd_model_checkpoint": "tiny_sd15"})
     yield context
@@ -160,3 +163,44 @@ def test_bad_input_fails_the_job_with_a_message_and_the_next_job_works(ctx):
     job = ctx.run(Img2ImgRequest(**SMALL, init_images=[source], mask=empty), timeout=120)
     assert job.state is JobState.FAILED and "mask is empty" in job.error
     done(ctx.run(Img2ImgRequest(**SMALL, init_images=[source]), timeout=120))
+
+
+def canny_unit(**changes) -> ControlUnit:
+    fields = dict(image=gradient(64, 64), module="canny", model="tiny_control_sd15_canny", weight=1.0,
+                  processor_res=64)
+    return ControlUnit(**{**fields, **changes})
+
+
+def test_controlnet_units_in_txt2img_change_the_image_and_are_in_infotext(ctx):
+    plain = done(ctx.run(GenerationRequest(**SMALL), timeout=120))
+    one = done(ctx.run(GenerationRequest(**SMALL, controlnet=[canny_unit()]), timeout=120))
+    zero = done(ctx.run(GenerationRequest(**SMALL, controlnet=[canny_unit(weight=0.0)]), timeout=120))
+    two = done(ctx.run(GenerationRequest(**SMALL, controlnet=[canny_unit(), canny_unit(
+        model="tiny_cn_sd15_diffusers", module="none", guidance_end=0.5)]), timeout=120))
+    assert not np.array_equal(arr(plain.images[0].image), arr(one.images[0].image))
+    assert np.abs(arr(plain.images[0].image) - arr(zero.images[0].image)).max() <= 1  # weight 0 = no control
+    assert not np.array_equal(arr(one.images[0].image), arr(two.images[0].image))
+    fields = parse_infotext(two.images[0].infotext)
+    assert "canny" in fields["ControlNet 0"] and "ControlNet 1" in fields
+    assert one.extra_images and one.extra_images[0].size == (64, 64)  # the preprocessed map is returned
+    assert ctx.manager.current.name.startswith("tiny_sd15")
+
+
+def test_controlnet_in_img2img_uses_the_input_image_and_inpaint_keeps_unmasked(ctx):
+    source = gradient(64, 64)
+    mask = square_mask((64, 64), (16, 16, 47, 47))
+    unit = canny_unit(image=None)
+    img = done(ctx.run(Img2ImgRequest(**SMALL, init_images=[source], controlnet=[unit]), timeout=120))
+    assert "ControlNet 0" in parse_infotext(img.images[0].infotext)
+    inp = done(ctx.run(Img2ImgRequest(**SMALL, init_images=[source], mask=mask, mask_blur=0, controlnet=[unit],
+                                      denoising_strength=1.0), timeout=120))
+    outside = np.asarray(mask) == 0
+    assert np.array_equal(arr(inp.images[0].image)[outside], arr(source)[outside])
+
+
+def test_controlnet_errors_are_clear(ctx):
+    no_image = ctx.run(GenerationRequest(**SMALL, controlnet=[canny_unit(image=None)]), timeout=120)
+    assert no_image.state is JobState.FAILED and "no image" in no_image.error
+    wrong = ctx.run(GenerationRequest(**SMALL, controlnet=[canny_unit(model="tiny_cn_sdxl")]), timeout=120)
+    assert wrong.state is JobState.FAILED and "SDXL" in wrong.error
+    done(ctx.run(GenerationRequest(**SMALL), timeout=120))  # and the next job works

@@ -286,6 +286,8 @@ class Catalog:
                 records, stamps = [], {}
                 for root in self._roots.get(k, ()):
                     for path in _walk(root, EXTENSIONS[k]):
+                        if k is ModelKind.CONTROLNET and path.relative_to(root).parts[0] == "annotators":
+                            continue  # preprocessor weights (webui.generation.preprocessors), not ControlNets
                         try:
                             stamp = _stamp(path)
                         except OSError:
