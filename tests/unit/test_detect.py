@@ -250,13 +250,13 @@ def test_old_diffusers_attn_processor_lora():
     assert (det.kind, det.arch, det.details["format"]) == (ModelKind.LORA, Arch.SD1, "diffusers")
 
 
-@pytest.mark.parametrize("base", ["transformer.transformer_blocks.0.attn.to_q",
-                                  "lora_unet_double_blocks_0_img_attn_qkv"])
-def test_dit_lora_is_recognised_but_unsupported(base):
+@pytest.mark.parametrize("base,arch", [("transformer.transformer_blocks.0.attn.to_q", Arch.UNKNOWN),  # Flux/Qwen
+                                       ("lora_unet_double_blocks_0_img_attn_qkv", Arch.FLUX)])
+def test_dit_lora_is_recognised(base, arch):  # DiT LoRAs are supported since issue #10
     shapes = {}
     bc.lora_layer(shapes, base, [3072, 3072], 4, "peft" if base.startswith("transformer.") else "lora")
     det = detect(header_of(shapes))
-    assert det.kind is ModelKind.LORA and det.arch is Arch.UNKNOWN and "DiT" in det.unsupported
+    assert (det.kind, det.arch) == (ModelKind.LORA, arch) and not det.unsupported
 
 
 def test_lora_missing_half_is_broken():

@@ -190,7 +190,7 @@ def test_unknown_and_unsupported_keys_are_reported_not_applied():
     ("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.to_out",
      ("unet", "down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0")),
     ("diffusion_model.output_blocks.2.1.conv", ("unet", "output_blocks_2_1_conv")),
-    ("transformer.single_blocks.0.linear1", None),
+    ("transformer.single_blocks.0.linear1", ("transformer", "single_blocks_0_linear1")),  # DiT LoRAs: issue #10
 ])
 def test_split_name(name, want):
     assert split_name(name) == want

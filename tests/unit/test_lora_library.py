@@ -126,8 +126,10 @@ def test_header_facts_bad_files(tmp_path):
     write_safetensors(tmp_path / "notlora.safetensors", {"foo.weight": ("F16", (2, 2))}, {})
     write_safetensors(tmp_path / "flux.safetensors", lora_tensors("flux"), {"modelspec.architecture": "flux-1-dev/lora"})
     (tmp_path / "pickled.pt").write_bytes(b"\x80\x02}q\x00.")
-    for name in ("empty", "junk", "huge", "notlora", "flux"):
+    for name in ("empty", "junk", "huge", "notlora"):
         assert header_facts(tmp_path / f"{name}.safetensors")["problem"], name
+    flux = header_facts(tmp_path / "flux.safetensors")  # DiT LoRAs are usable since issue #10
+    assert not flux.get("problem") and (flux["arch"], flux["detected_family"]) == ("flux", "Flux")
     assert "pickle" in header_facts(tmp_path / "pickled.pt")["problem"]
     assert header_facts(tmp_path / "pickled.pt", allow_pickle=True)["problem"] is None
 

@@ -19,8 +19,8 @@ SORTS = ("Newest", "Name", "Most used", "Recently used")
 PAGE_SIZE = 48
 _SEP = re.compile(r"[\s_\-]+")
 # A LoRA fits a checkpoint when their architectures are in the same group (SD 1 and SD 2 differ).
-_ARCH_GROUP = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl_refiner"}
-_NON_SD_FAMILIES = ("Flux", "SD3")
+_ARCH_GROUP = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl_refiner", "sd3": "sd3",
+               "flux": "flux", "qwen_image": "qwen_image"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,8 +49,6 @@ def compatible(entry: LoraEntry, checkpoint_arch: str | None) -> bool:
     """True when the LoRA fits a checkpoint of ``checkpoint_arch``, or when either side is unknown."""
     if not checkpoint_arch or checkpoint_arch == "unknown":
         return True
-    if entry.family in _NON_SD_FAMILIES:
-        return False
     if entry.arch == "unknown":
         return True
     return _ARCH_GROUP.get(entry.arch) == _ARCH_GROUP.get(checkpoint_arch)

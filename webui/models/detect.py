@@ -221,8 +221,14 @@ def _probe_lora(h: SafetensorsHeader) -> Match | None:
         "context_width": facts.context_width, "te_width": facts.te_width, "warnings": [],
         "candidates": facts.candidates(),  # archs the key layout allows, for a mismatch check when arch is unknown
     }
+    from webui.models.lora.dit_keymap import dit_lora_arch  # lazy: the LoRA engine imports this module
+
+    dit = dit_lora_arch({k: v.shape for k, v in h.tensors.items()}, h.metadata)
+    if dit is not None:  # Flux / SD3 / Qwen-Image (UNKNOWN: a transformer LoRA of an undecided family)
+        details["candidates"] = (dit.value,) if dit is not Arch.UNKNOWN else ("flux", "sd3", "qwen_image")
+        return Match(kind=ModelKind.LORA, arch=dit, family=FAMILY_BY_ARCH[dit], details=details)
     if "dit" in facts.parts:
-        details["unsupported"] = "LoRA for a transformer (DiT) model such as Flux/SD3; not supported"
+        details["unsupported"] = "LoRA for a transformer (DiT) model in a layout this WebUI does not know"
         return Match(kind=ModelKind.LORA, details=details)
     arch = facts.structural_arch() or metadata_arch(h.metadata) or facts.width_arch() or Arch.UNKNOWN
     _confirm(arch, facts.context_width, "cross-attention", details["warnings"])

@@ -33,8 +33,10 @@ __all__ = [
 SIDECAR_SUFFIX = ".webui.json"
 WEIGHT_MIN, WEIGHT_MAX = 0.0, 2.0
 ARCH_LABELS: Mapping[Arch, str] = {Arch.SD1: "SD 1.5", Arch.SD2: "SD 2.x", Arch.SDXL: "SDXL",
-                                   Arch.SDXL_REFINER: "SDXL Refiner", Arch.UNKNOWN: "unknown"}
-_FAMILY = {Arch.SD1: "sd", Arch.SD2: "sd", Arch.SDXL: "sdxl", Arch.SDXL_REFINER: "refiner"}
+                                   Arch.SDXL_REFINER: "SDXL Refiner", Arch.SD3: "SD3", Arch.FLUX: "Flux.1",
+                                   Arch.QWEN_IMAGE: "Qwen-Image", Arch.UNKNOWN: "unknown"}
+_FAMILY = {Arch.SD1: "sd", Arch.SD2: "sd", Arch.SDXL: "sdxl", Arch.SDXL_REFINER: "refiner", Arch.SD3: "sd3",
+           Arch.FLUX: "flux", Arch.QWEN_IMAGE: "qwen_image"}
 
 
 # ----------------------------------------------------------------------------- sidecars

@@ -234,9 +234,9 @@ class ModelManager:
         entries = [StackEntry(self._lora(ref), ref.weight, ref.te_weight, ref.block_weights) for ref in refs]
         if model.patcher is None:
             pipe = model.pipe
-            modules = {"unet": pipe.unet, "te1": pipe.text_encoder}
-            if getattr(pipe, "text_encoder_2", None) is not None:
-                modules["te2"] = pipe.text_encoder_2
+            modules = {"unet": getattr(pipe, "unet", None), "transformer": getattr(pipe, "transformer", None),
+                       "te1": getattr(pipe, "text_encoder", None), "te2": getattr(pipe, "text_encoder_2", None),
+                       "te3": getattr(pipe, "text_encoder_3", None)}
             model.patcher = LoraPatcher({k: v for k, v in modules.items() if v is not None}, arch=model.arch)
         report = model.patcher.apply(entries)
         hashes = {e.lora.name.split("/")[-1]: (e.lora.sha256 or "")[:12] for e in entries}

@@ -21,14 +21,19 @@ from webui.models.lora.loading import LoadedLora
 from webui.types import Arch
 
 __all__ = [
-    "ARCH_NAMES", "LoraArchMismatch", "LoraError", "LoraNoMatch", "MatchReport", "check_lora", "model_arch",
-    "same_family",
+    "ARCH_NAMES", "LoraArchMismatch", "LoraError", "LoraNoMatch", "MatchReport", "TRANSFORMER_ARCH", "check_lora",
+    "model_arch", "same_family",
 ]
 
 ARCH_NAMES = MappingProxyType({Arch.SD1: "SD 1.x", Arch.SD2: "SD 2.x", Arch.SDXL: "SDXL",
-                               Arch.SDXL_REFINER: "SDXL Refiner", Arch.UNKNOWN: "an unknown architecture"})
-_FAMILY = MappingProxyType({Arch.SD1: "sd", Arch.SD2: "sd", Arch.SDXL: "sdxl", Arch.SDXL_REFINER: "refiner"})
+                               Arch.SDXL_REFINER: "SDXL Refiner", Arch.SD3: "SD3/SD3.5", Arch.FLUX: "Flux.1",
+                               Arch.QWEN_IMAGE: "Qwen-Image", Arch.UNKNOWN: "an unknown architecture"})
+_FAMILY = MappingProxyType({Arch.SD1: "sd", Arch.SD2: "sd", Arch.SDXL: "sdxl", Arch.SDXL_REFINER: "refiner",
+                            Arch.SD3: "sd3", Arch.FLUX: "flux", Arch.QWEN_IMAGE: "qwen_image"})
 _CONTEXT_ARCH = MappingProxyType({768: Arch.SD1, 1024: Arch.SD2, 2048: Arch.SDXL, 1280: Arch.SDXL_REFINER})
+# diffusers transformer class -> architecture (Kontext / Qwen-Image-Edit share their family's class)
+TRANSFORMER_ARCH = MappingProxyType({"FluxTransformer2DModel": Arch.FLUX, "SD3Transformer2DModel": Arch.SD3,
+                                     "QwenImageTransformer2DModel": Arch.QWEN_IMAGE})
 
 
 class LoraArchMismatch(LoraError):
@@ -60,7 +65,11 @@ class MatchReport:
 
 def model_arch(modules: Mapping[str, nn.Module]) -> Arch:
     """Architecture of a loaded model from its components: real cross-attention widths first, then structure
-    (two text encoders => SDXL; a refiner has only the second one)."""
+    (two text encoders => SDXL; a refiner has only the second one).  A DiT model by its transformer's class."""
+    transformer = modules.get("transformer")
+    if transformer is not None:
+        return next((TRANSFORMER_ARCH[c.__name__] for c in type(transformer).__mro__
+                     if c.__name__ in TRANSFORMER_ARCH), Arch.UNKNOWN)
     unet = modules.get("unet")
     config = getattr(unet, "config", None)
     width = getattr(config, "cross_attention_dim", None) if config is not None else None

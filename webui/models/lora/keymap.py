@@ -12,9 +12,16 @@ kohya uses for SDXL and older SD1 trainers used too; that alias table is derived
 structure (resnets/attentions/down- and upsamplers per block), so it holds for any layer count.  The same
 walk gives each UNet layer its A1111 "LoRA Block Weight" block id (``IN04``, ``M00``, ``OUT03``).
 
-File prefixes: kohya ``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``; diffusers/peft ``unet.``,
-``text_encoder.``, ``text_encoder_2.``; ldm ``diffusion_model.``.  Old diffusers attention-processor names
-(``attn1.processor.to_q_lora``) are folded onto the module they patch.
+File prefixes: kohya ``lora_unet_``/``lora_te_``/``lora_te1_``/``lora_te2_``/``lora_te3_``; diffusers/peft
+``unet.``, ``transformer.``, ``text_encoder.``, ``text_encoder_2.``, ``text_encoder_3.``; ldm/ComfyUI
+``diffusion_model.``.  Old diffusers attention-processor names (``attn1.processor.to_q_lora``) are folded onto
+the module they patch.
+
+DiT models (Flux, SD3, Qwen-Image) have a ``transformer`` component instead of a ``unet``: the two are one
+role (the denoiser), so a ``unet`` name (``lora_unet_``, ``diffusion_model.``) resolves in the transformer when
+the model has no UNet, and the other way round.  kohya's T5 (``lora_te3_``) resolves in whichever text
+encoder is a T5 (``text_encoder_2`` in Flux, ``text_encoder_3`` in SD3).  BFL/SAI names with fused layers
+are converted to diffusers names when the file is loaded (``dit_keymap``).
 """
 from __future__ import annotations
 
@@ -25,24 +32,29 @@ from typing import Iterator, Mapping
 
 from torch import nn
 
-__all__ = ["COMPONENT_ALIASES", "KeyMap", "PATCHABLE", "Target", "ldm_layout", "split_name"]
+__all__ = ["COMPONENT_ALIASES", "DENOISERS", "KeyMap", "PATCHABLE", "Target", "ldm_layout", "split_name"]
 
 PATCHABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-COMPONENTS = ("unet", "te1", "te2")
+COMPONENTS = ("unet", "transformer", "te1", "te2", "te3")
+DENOISERS = ("unet", "transformer")
 COMPONENT_ALIASES = MappingProxyType({
-    "unet": "unet", "te1": "te1", "te2": "te2", "te": "te1", "text_encoder": "te1", "text_encoder_2": "te2",
+    "unet": "unet", "transformer": "transformer", "te1": "te1", "te2": "te2", "te3": "te3", "te": "te1",
+    "text_encoder": "te1", "text_encoder_2": "te2", "text_encoder_3": "te3",
 })
 # Pipeline components a LoRA never patches: passing ``pipe.components`` as it is works.
 IGNORED_COMPONENTS = frozenset({"vae", "scheduler", "tokenizer", "tokenizer_2", "feature_extractor",
                                 "safety_checker", "image_encoder"})
 # file prefix -> component (longest first where one is a prefix of another)
 FILE_PREFIXES = (
-    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te_", "te1"),
-    ("unet.", "unet"), ("text_encoder_2.", "te2"), ("text_encoder.", "te1"),
-    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"),
+    ("lora_unet_", "unet"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"), ("lora_te_", "te1"),
+    ("lora_transformer_", "transformer"), ("unet.", "unet"), ("transformer.", "transformer"),
+    ("text_encoder_2.", "te2"), ("text_encoder_3.", "te3"), ("text_encoder.", "te1"),
+    ("model.diffusion_model.", "unet"), ("diffusion_model.", "unet"), ("base_model.model.", "transformer"),
 )
 _UNET_HINT = re.compile(r"^(?:down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block|conv_in|"
                         r"conv_out|time_embed)")
+_DIT_HINT = re.compile(r"^(?:transformer_blocks|single_transformer_blocks)[._]")
+_T5_PROBE = "encoder.block.0.layer.0.SelfAttention.q"  # a T5 encoder's first attention layer
 # diffusers ResnetBlock2D child -> ldm ResBlock child
 RESNET_LDM = MappingProxyType({"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
                                "conv_shortcut": "skip_connection"})
@@ -51,7 +63,7 @@ EMBED_LDM = MappingProxyType({"linear_1": "0", "linear_2": "2"})
 
 @dataclass(frozen=True)
 class Target:
-    component: str  # "unet" | "te1" | "te2"
+    component: str  # "unet" | "transformer" | "te1" | "te2" | "te3"
     module: str  # dotted module name inside that component
     block: str | None  # LoRA Block Weight id: "BASE" (text encoders), "IN00".."OUT11"/"M00", None = no block
 
@@ -75,15 +87,18 @@ def split_name(name: str) -> tuple[str, str] | None:
             rest = name[len(prefix):]
             break
     else:
-        if not _UNET_HINT.match(name):
+        if _DIT_HINT.match(name):
+            component, rest = "transformer", name
+        elif _UNET_HINT.match(name):
+            component, rest = "unet", name
+        else:
             return None
-        component, rest = "unet", name
     flat = _flat(rest)
     if "_processor_" in flat:  # diffusers attention processors: attn1.processor.to_out_lora -> attn1.to_out.0
         flat = flat.replace("_processor_", "_")
         if flat.endswith("_to_out"):
             flat += "_0"
-    if component != "unet":
+    if component not in DENOISERS:
         flat = _strip_text_model(flat)
     return component, flat
 
@@ -159,7 +174,7 @@ class KeyMap:
             self._layers[comp] = layers
             index: dict[str, str | None] = {}
             for name in layers:
-                flat = _flat(name) if comp == "unet" else _strip_text_model(_flat(name))
+                flat = _flat(name) if comp in DENOISERS else _strip_text_model(_flat(name))
                 _add(index, flat, name)
             blocks: dict[str, str | None] = {}
             if comp == "unet":
@@ -176,6 +191,11 @@ class KeyMap:
                         blocks[full] = block
             self._index[comp] = index
             self._blocks[comp] = blocks
+        # where names of another component live in this model: the denoiser under either name, T5 anywhere
+        self._redirect = {a: b for a, b in (("unet", "transformer"), ("transformer", "unet")) if b in comps}
+        t5 = next((c for c in ("te3", "te2", "te1") if _T5_PROBE in self._layers.get(c, {})), None)
+        if t5 is not None:
+            self._redirect.setdefault("te3", t5)
 
     @property
     def components(self) -> Mapping[str, nn.Module]:
@@ -190,10 +210,12 @@ class KeyMap:
         if split is None:
             return None
         component, flat = split
+        if component not in self._index:
+            component = self._redirect.get(component, component)
         module = self._index.get(component, {}).get(flat)
         if module is None:
             return None
-        block = "BASE" if component != "unet" else self._blocks[component].get(module)
+        block = "BASE" if component not in DENOISERS else self._blocks[component].get(module)
         return Target(component, module, block)
 
     def module(self, target: Target) -> nn.Module:

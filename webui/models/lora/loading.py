@@ -4,7 +4,9 @@ Only safetensors are read by default.  A ``.pt``/``.ckpt``/``.bin`` LoRA is read
 ``allow_pickle=True`` and then through ``torch.load(weights_only=True)`` (no arbitrary code).
 The architecture comes from ``webui.models.detect`` (the same verdict the catalog shows), which decides
 from key structure first and real widths second (``lora_te1_``/``lora_te2_`` => SDXL, cross-attention
-``to_k`` input width 768/1024/2048/1280 => SD1/SD2/SDXL/refiner).
+``to_k`` input width 768/1024/2048/1280 => SD1/SD2/SDXL/refiner).  DiT LoRAs (Flux, SD3, Qwen-Image) are
+recognised by ``dit_keymap.dit_lora_arch``; their BFL/SAI-named layers are converted to diffusers names
+(fused qkv / linear1 split by rows) right here, so the patcher only ever sees diffusers modules.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Mapping
 import torch
 
 from webui.models import detect
+from webui.models.lora.dit_keymap import convert_dit_patches, dit_lora_arch
 from webui.models.lora.formats import LayerPatch, LoraFormatError, parse_state_dict
 from webui.types import Arch, ModelKind
 
@@ -52,8 +55,10 @@ class LoadedLora:
         return self.path.name if self.path is not None else self.name
 
     @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for p in self.patches.values() for t in p.tensors().values())
+    def nbytes(self) -> int:  # split fused layers share tensors (and views of them): count each storage once
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for p in self.patches.values() for t in p.tensors().values()}
+        return sum(storages.values())
 
 
 def trigger_words(metadata: Mapping[str, str], limit: int = 10) -> tuple[str, ...]:
@@ -81,9 +86,12 @@ def trigger_words(metadata: Mapping[str, str], limit: int = 10) -> tuple[str, ..
 
 
 def _arch_from_tensors(state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> tuple[Arch, list[str]]:
-    """Run the shared header detector over the tensors' keys and shapes."""
-    header = detect.SafetensorsHeader.from_shapes(
-        {k: tuple(v.shape) for k, v in state_dict.items()}, metadata=metadata)
+    """Run the shared header detector over the tensors' keys and shapes (the DiT family check first)."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
+    dit = dit_lora_arch(shapes, metadata)
+    if dit is not None:
+        return dit, []
+    header = detect.SafetensorsHeader.from_shapes(shapes, metadata=metadata)
     try:
         found = detect.detect(header)
     except detect.BrokenModelFile as exc:
@@ -108,12 +116,14 @@ def lora_from_state_dict(state_dict: Mapping[str, torch.Tensor], *, name: str,
             detail = f"; unsupported adapters: {', '.join(parsed.unsupported[:3])}" if parsed.unsupported else ""
             raise LoraFormatError(f"no LoRA/LoCon/LoHa/LoKr/DoRA layers found ({len(state_dict)} keys){detail}")
         arch, warnings = _arch_from_tensors(state_dict, metadata)
+        patches, converted = convert_dit_patches(parsed.patches, arch)
+        warnings.extend(converted)
     except LoraFormatError as exc:
         raise LoraFormatError(f"LoRA {label}: {exc}") from None
     if parsed.unsupported:
         warnings.append(f"{len(parsed.unsupported)} layers use unsupported adapters and are skipped: "
                         f"{', '.join(parsed.unsupported[:5])}")
-    return LoadedLora(name=name, patches=parsed.patches, arch=arch, format=parsed.format, path=path, sha256=sha256,
+    return LoadedLora(name=name, patches=patches, arch=arch, format=parsed.format, path=path, sha256=sha256,
                       metadata=metadata, trigger_words=trigger_words(metadata), ignored_keys=parsed.ignored,
                       unsupported=parsed.unsupported, warnings=tuple(warnings))
 

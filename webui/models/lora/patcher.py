@@ -38,7 +38,7 @@ from torch import nn
 from webui.models.lora.blocks import block_multiplier, resolve_block_weights
 from webui.models.lora.compat import MatchReport, check_lora, model_arch
 from webui.models.lora.formats import LoraPatch
-from webui.models.lora.keymap import KeyMap
+from webui.models.lora.keymap import DENOISERS, KeyMap
 from webui.models.lora.loading import LoadedLora
 from webui.types import Arch
 
@@ -77,7 +77,8 @@ class PatchReport:
 
 
 class LoraPatcher:
-    """Applies LoRA stacks to ``{"unet": ..., "te1": ..., "te2": ...}`` by merging into the weights.
+    """Applies LoRA stacks to ``{"unet": ..., "te1": ..., "te2": ...}`` (DiT models: ``{"transformer": ...,
+    "te1": ..., "te2": ..., "te3": ...}``) by merging into the weights.
 
     One patcher per loaded model; the modules must be pristine when it is created.  ``arch`` is the
     model's architecture if the caller knows it (from detection); otherwise it is inferred."""
@@ -150,7 +151,10 @@ class LoraPatcher:
             raise
         self._stack, self._identity = entries, identity
         warnings = tuple(w for m in matches if (w := m.warning)) + tuple(
-            w for e in entries for w in e.lora.warnings)
+            w for e in entries for w in e.lora.warnings) + tuple(
+            f"LoRA {e.lora.label}: block weights are defined for SD/SDXL UNet blocks; the transformer layers of "
+            f"this model get the plain weight" for e in entries
+            if e.block_weights is not None and "transformer" in self._keymap.components)
         for w in warnings:
             log.warning(w)
         return self._report(identity, len(changed), len(removed), matches, started, warnings)
@@ -184,7 +188,7 @@ class LoraPatcher:
         for entry, match in zip(entries, matches):
             blocks = resolve_block_weights(entry.block_weights, sdxl=sdxl) if entry.block_weights is not None else None
             for name, target in match.matched.items():
-                base = entry.unet_weight if target.component == "unet" else entry.te_weight
+                base = entry.unet_weight if target.component in DENOISERS else entry.te_weight
                 mult = float(base) * block_multiplier(blocks, target.block)
                 if mult == 0.0:
                     continue
