@@ -188,7 +188,7 @@ def test_compatible_rules():
     flux = _entry(unsupported="LoRA for a transformer (DiT) model such as Flux/SD3", meta={"modelspec.architecture": "flux"})
     unknown = _entry()
     assert compatible(sd1, "sd1") and not compatible(sd1, "sdxl") and compatible(sd1, None)
-    assert not compatible(flux, "sdxl") and compatible(unknown, "sdxl")
+    assert not compatible(flux, "sdxl") and compatible(flux, "flux") and compatible(unknown, "sdxl")
 
 
 def test_facets_and_grid(lib):

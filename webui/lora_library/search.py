@@ -21,6 +21,7 @@ _SEP = re.compile(r"[\s_\-]+")
 # A LoRA fits a checkpoint when their architectures are in the same group (SD 1 and SD 2 differ).
 _ARCH_GROUP = {"sd1": "sd1", "sd2": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl_refiner", "sd3": "sd3",
                "flux": "flux", "qwen_image": "qwen_image"}
+_FAMILY_ARCH = {"Flux": "flux", "SD3": "sd3", "Qwen-Image": "qwen_image"}  # family known from metadata only
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,9 +50,10 @@ def compatible(entry: LoraEntry, checkpoint_arch: str | None) -> bool:
     """True when the LoRA fits a checkpoint of ``checkpoint_arch``, or when either side is unknown."""
     if not checkpoint_arch or checkpoint_arch == "unknown":
         return True
-    if entry.arch == "unknown":
+    arch = entry.arch if entry.arch != "unknown" else _FAMILY_ARCH.get(entry.family, "unknown")
+    if arch == "unknown":
         return True
-    return _ARCH_GROUP.get(entry.arch) == _ARCH_GROUP.get(checkpoint_arch)
+    return _ARCH_GROUP.get(arch) == _ARCH_GROUP.get(checkpoint_arch)
 
 
 def _matcher(text: str):
