@@ -31,7 +31,22 @@ TASK_PIPELINES: dict[tuple[str, str, bool], str] = {
     (_XL, "img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
     (_XL, "inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
 }
-_FAMILY = {Arch.SD1: _SD, Arch.SD2: _SD, Arch.SDXL: _XL, Arch.SDXL_REFINER: _XL}
+# DiT families (webui.generation.dit): "edit" = Flux Kontext / Qwen-Image-Edit with reference image(s);
+# "edit_multi" = Qwen-Image-Edit with several references (the Plus pipeline)
+_SD3, _FLUX, _QWEN = "sd3", "flux", "qwen_image"
+TASK_PIPELINES.update({
+    (_SD3, "txt2img", False): "StableDiffusion3Pipeline",
+    (_SD3, "img2img", False): "StableDiffusion3Img2ImgPipeline",
+    (_FLUX, "txt2img", False): "FluxPipeline",
+    (_FLUX, "img2img", False): "FluxImg2ImgPipeline",
+    (_FLUX, "edit", False): "FluxKontextPipeline",
+    (_QWEN, "txt2img", False): "QwenImagePipeline",
+    (_QWEN, "img2img", False): "QwenImageImg2ImgPipeline",
+    (_QWEN, "edit", False): "QwenImageEditPipeline",
+    (_QWEN, "edit_multi", False): "QwenImageEditPlusPipeline",
+})
+_FAMILY = {Arch.SD1: _SD, Arch.SD2: _SD, Arch.SDXL: _XL, Arch.SDXL_REFINER: _XL,
+           Arch.SD3: _SD3, Arch.FLUX: _FLUX, Arch.QWEN_IMAGE: _QWEN}
 
 
 def task_for(variant: Variant, *, has_image: bool, has_mask: bool) -> str:

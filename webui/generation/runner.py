@@ -50,8 +50,10 @@ class StepReporter:
 
     def __init__(self, *, control: Any, model: Any, request: GenerationRequest, batch_index: int,
                  started: float, schedule_switches: dict[int, dict[str, torch.Tensor]], preview_every: int,
-                 plugins: Any = None, total_steps: int | None = None, on_step: Any = None):
+                 plugins: Any = None, total_steps: int | None = None, on_step: Any = None,
+                 to_latents: Any = None):
         self.total_steps = total_steps or request.steps
+        self.to_latents = to_latents  # plan hook: pipeline latents -> (B, C, h, w) VAE latents for previews
         self.on_step = on_step  # plan hook: (pipe, step, tensors) -> extra tensors (e.g. the inpaint blend)
         self.control = control
         self.model = model
@@ -79,7 +81,8 @@ class StepReporter:
             out.update(self.on_step(pipe, step, tensors))
             tensors = {**tensors, **out}
         if self.preview_every and (done_step % self.preview_every == 0) and done_step < steps:
-            changes["preview"] = latent_preview(tensors["latents"], self.model.arch)
+            shown = tensors["latents"] if self.to_latents is None else self.to_latents(tensors["latents"])
+            changes["preview"] = latent_preview(shown, self.model.arch)
             changes["preview_step"] = done
         self.control.update(**changes)
         if self.plugins is not None:
@@ -115,6 +118,12 @@ def initial_noise(seeds: list[int], subseeds: list[int], strength: float, shape:
             noise = _slerp(strength, noise, other)
         noises.append(noise)
     return torch.stack(noises)
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network: the UNet, or the transformer of a DiT pipeline."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 def decode(pipe: Any, latents: torch.Tensor) -> list[Any]:
@@ -161,6 +170,13 @@ class SamplingPlan:
     prompt_schedule: bool = True  # False: the pipeline cannot take switched embeddings mid-run
     extra_images: tuple[Any, ...] = ()  # shown with the result, not saved (e.g. ControlNet maps)
     info: dict[str, Any] = field(default_factory=dict)  # merged into the result's info
+    # DiT hooks (webui.generation.dit); None keeps the UNet behaviour
+    latent_shape: tuple[int, ...] | None = None  # per-image CPU noise shape; None: (vae channels, h/8, w/8)
+    to_vae_latents: Callable[[torch.Tensor], torch.Tensor] | None = None  # pipeline latents -> (B, C, h, w)
+    decode: Callable[[Any, torch.Tensor], list[Any]] | None = None  # (pipe, latents) -> PIL images
+    make_scheduler: Callable[[int], Any] | None = None  # (seed) -> fresh scheduler, instead of the sampler table
+    sampler_label: tuple[str, str] | None = None  # (sampler, schedule) written to infotext instead of the request's
+    conditioning: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # adapts the encoder's kwargs
 
 
 def txt2img_plan(model: Any, request: GenerationRequest, control_cond: Any = None) -> SamplingPlan:
@@ -208,23 +224,30 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
     schedule = model.encoder.encode_schedule(request.prompt, request.negative_prompt, request.steps, request.clip_skip)
     if not plan.prompt_schedule:
         schedule = schedule[:1]
-    first = schedule[0][1]
+    first = schedule[0][1] if plan.conditioning is None else plan.conditioning(schedule[0][1])
     cfg_on = request.cfg_scale > 1.0
     # 3. Scheduler, fresh for this job.
-    choice = resolve_sampler(request.sampler, request.schedule, registry=options.samplers)
-    pipe.scheduler = make_scheduler(
-        model.components.scheduler_config, request.sampler, request.schedule,
-        prediction_type=model.prediction.value if model.prediction else None,
-        rescale_betas_zero_snr=bool(model.components.zero_terminal_snr),
-        seed=base_seed, registry=options.samplers,
-    )
+    if plan.make_scheduler is not None:
+        pipe.scheduler = plan.make_scheduler(base_seed)
+        sampler_name, schedule_name = plan.sampler_label or (request.sampler, request.schedule)
+    else:
+        choice = resolve_sampler(request.sampler, request.schedule, registry=options.samplers)
+        pipe.scheduler = make_scheduler(
+            model.components.scheduler_config, request.sampler, request.schedule,
+            prediction_type=model.prediction.value if model.prediction else None,
+            rescale_betas_zero_snr=bool(model.components.zero_terminal_snr),
+            seed=base_seed, registry=options.samplers,
+        )
+        sampler_name, schedule_name = choice.sampler, choice.schedule
     # 4. Sample each batch.
-    latent_shape = (pipe.vae.config.latent_channels, request.height // LATENT_FACTOR, request.width // LATENT_FACTOR)
+    latent_shape = plan.latent_shape or (pipe.vae.config.latent_channels, request.height // LATENT_FACTOR,
+                                         request.width // LATENT_FACTOR)
     images: list[GeneratedImage] = []
     interrupted = False
     preview_every = options.preview_every if request.preview_every is None else request.preview_every
     preview_every = preview_every if options.previews else 0
-    device = pipe.unet.device
+    net = denoiser(pipe)
+    device = net.device
     steps_run = plan.steps_run or request.steps
     for batch_index in range(request.n_iter):
         if control.interrupted:
@@ -233,7 +256,7 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
         lo = batch_index * request.batch_size
         batch_seeds = seeds[lo:lo + request.batch_size]
         noise = initial_noise(batch_seeds, subseeds[lo:lo + request.batch_size], request.subseed_strength, latent_shape)
-        noise = noise.to(device=device, dtype=pipe.unet.dtype)
+        noise = noise.to(device=device, dtype=net.dtype)
         generators = [torch.Generator("cpu").manual_seed(s) for s in batch_seeds]
         # A1111 rule (parser.entry_at): entry (end, cond) is in force for 0-based steps <= end, so the next
         # entry takes over once step ``end`` is done, i.e. in the callback reporting done_step == end + 1.
@@ -243,17 +266,17 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
         switches = {step: {k: v for k, v in sw.items() if k in tensor_inputs} for step, sw in switches.items()}
         reporter = StepReporter(control=control, model=model, request=request, batch_index=batch_index,
                                 started=started, schedule_switches=switches, preview_every=preview_every,
-                                plugins=options.plugins, total_steps=steps_run, on_step=plan.on_step)
+                                plugins=options.plugins, total_steps=steps_run, on_step=plan.on_step,
+                                to_latents=plan.to_vae_latents)
         control.update(step=0, total_steps=steps_run, batch_index=batch_index, batch_count=request.n_iter,
                        text=f"batch {batch_index + 1}/{request.n_iter}")
         per_batch = plan.batch_kwargs(batch_index, batch_seeds, noise) if plan.batch_kwargs else {}
         latents = pipe(
             **first,
-            **plan.call_kwargs,
+            # a plan may map CFG elsewhere or pass conditioning already batched (DiT)
+            **{"guidance_scale": request.cfg_scale, "num_images_per_prompt": request.batch_size, **plan.call_kwargs},
             **per_batch,
             num_inference_steps=request.steps,
-            guidance_scale=request.cfg_scale,
-            num_images_per_prompt=request.batch_size,
             generator=generators,
             output_type="latent",
             callback_on_step_end=reporter,
@@ -271,15 +294,15 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
             if interrupted:
                 break
         # 5. Decode, infotext, save.
-        for offset, image in enumerate(decode(pipe, latents)):
+        for offset, image in enumerate((plan.decode or decode)(pipe, latents)):
             seed, index = batch_seeds[offset], lo + offset
             if plan.finish is not None:
                 image = plan.finish(image, index)
             if options.plugins is not None:
                 image = options.plugins.postprocess_image(image, seed=seed, index=index, request=request)
             params = infotext_params(
-                request, seed=seed, subseed=subseeds[index], sampler=choice.sampler,
-                schedule=choice.schedule, model_name=Path(model.record.name).name, model_hash=model.model_hash,
+                request, seed=seed, subseed=subseeds[index], sampler=sampler_name,
+                schedule=schedule_name, model_name=Path(model.record.name).name, model_hash=model.model_hash,
                 vae_name=model.vae_record.name if model.vae_record else None, version=VERSION,
                 lora_hashes=loras.hashes if loras else None, extra={**hires_infotext(request), **plan.infotext},
             )

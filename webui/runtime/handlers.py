@@ -11,6 +11,7 @@ from webui.generation.upscale_job import run_upscale_job, upscale_settings, upsc
 from webui.models.embeddings import prompt_warnings
 from webui.models.manager import merge_lora_refs
 from webui.prompt.parser import extract_lora_tags
+from webui.prompt.dit_encode import DIT_ARCHES, prompt_notes
 from webui.image_requests import Img2ImgRequest
 from webui.types import GenerationRequest, LoadModelRequest, UpscaleRequest
 
@@ -50,7 +51,16 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
         if request.enable_hr:
             options = replace(options, hires=HiresTools(upscaler_entries(ctx), ctx.cache, upscale_settings(ctx)))
         control_for = _control_for(ctx, model, request, control) if request.controlnet else None
-        if isinstance(request, Img2ImgRequest):
+        if model.arch in DIT_ARCHES:  # SD3 / Flux / Qwen-Image (webui.generation.dit)
+            from webui.generation.dit import build_dit_plan
+
+            plan = build_dit_plan(model, request)
+            notes = prompt_notes(model.arch, request.prompt, request.negative_prompt, request.steps)
+            if request.sampler == "Euler a":
+                notes.append("sampler 'Euler a' is sampled with the flow-matching Euler sampler on this model")
+            if notes:
+                applied = replace(applied, warnings=tuple(applied.warnings) + tuple(notes))
+        elif isinstance(request, Img2ImgRequest):
             from webui.generation.img2img import build_plan
 
             plan = build_plan(model, request, control_for)
@@ -93,6 +103,7 @@ def _control_for(ctx: "AppContext", model: Any, request: GenerationRequest, cont
         control.update(text=f"ControlNet: preparing {len(request.controlnet)} unit(s)")
         return prepare_control(request.controlnet, base_arch=model.arch, width=request.width, height=request.height,
                                init_image=init_image, loader=ctx.controlnets, preprocessors=ctx.preprocessors,
-                               annotators_dir=ctx.settings.controlnet_dir / "annotators")
+                               annotators_dir=ctx.settings.controlnet_dir / "annotators",
+                               do_cfg=request.cfg_scale > 1.0)
 
     return prepare

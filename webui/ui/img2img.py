@@ -16,7 +16,7 @@ import gradio as gr
 from webui.generation.samplers import sampler_names, schedule_names
 from webui.image_requests import RESIZE_MODE_NAMES, Img2ImgRequest
 from webui.types import JobState, RequestError, Variant
-from webui.ui import lora_stack, send_to
+from webui.ui import control_section, lora_stack, send_to
 from webui.ui.common import Registry, session_id, status_html
 from webui.ui.img2img_requests import IMG2IMG_FIELDS, img2img_request, size_from_image
 from webui.ui.progress import progress_html, watch
@@ -113,24 +113,8 @@ def render_parameters(ctx: Any, section: str, *, hint: str = "", edit_model: boo
     c["clip_skip"] = gr.Slider(1, 12, value=int(options.get("CLIP_stop_at_last_layers") or 1), step=1, precision=0,
                                label="Clip skip", elem_id=f"{section}_clip_skip")
     c.update(lora_stack.render(ctx, section))
-    c.update(render_control(ctx, section))
+    c.update(control_section.render(ctx, section))  # ControlNet + reference images (IP-Adapter)
     return c
-
-
-def render_control(ctx: Any, section: str) -> dict[str, Any]:
-    """The ControlNet / reference-image section (``webui/ui/control_section.py``) when it is installed."""
-    control = _control_module()
-    return control.render(ctx, section) if control is not None else {}
-
-
-def _control_module() -> Any:
-    """``webui.ui.control_section`` if that module exists (its own import errors are not hidden)."""
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("webui.ui.control_section") is None:
-        return None
-    return importlib.import_module("webui.ui.control_section")
 
 
 def render_results(section: str) -> dict[str, Any]:
@@ -173,8 +157,7 @@ def build_img2img(values: Mapping[str, Any], options: Mapping[str, Any]) -> Img2
 
 
 def control_requests(values: Mapping[str, Any], section: str) -> tuple[tuple, tuple]:
-    control = _control_module()
-    return control.requests_from(values, section) if control is not None else ((), ())
+    return control_section.requests_from(values, section)
 
 
 def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
@@ -190,15 +173,15 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     checkpoint = registry.get("models.checkpoint")
     if checkpoint is not None:
         checkpoint.change(hint, outputs=hint_outputs, api_visibility="private", queue=False, show_progress="hidden")
+    from webui.ui import family_controls
+
+    family_controls.wire(ctx, c, checkpoint)  # DiT: guidance label, sampler, edit hint
 
 
 # ---- wiring shared with the inpaint tab -----------------------------------------------------------------
 def field_names(c: Mapping[str, Any], extra: Mapping[str, str] = IMG2IMG_FIELDS) -> list[str]:
     names = [*TXT2IMG_FIELDS, *lora_stack.input_names(lora_stack.slot_count(c)), *extra]
-    control = _control_module()
-    if control is not None and hasattr(control, "input_names"):
-        names += [n for n in control.input_names(c) if n not in names]
-    return names
+    return names + [n for n in control_section.input_names(c) if n not in names]
 
 
 def follow_job(ctx: Any, c: Mapping[str, Any], job: Any, section: str) -> Iterator[dict[Any, Any]]:
@@ -233,9 +216,7 @@ def wire_generation(ctx: Any, registry: Registry, section: str, *, sources: Mapp
         raise ValueError(f"image inputs must be named image / editor / mask, got {sorted(sources)}")
     c = registry.section(section)
     lora_stack.wire(ctx, registry, section)
-    control = _control_module()
-    if control is not None and hasattr(control, "wire"):
-        control.wire(ctx, c, section)
+    control_section.wire(ctx, c, section, checkpoint=registry.get("models.checkpoint"))
     inputs = {name: c[name] for name in field_names(c, extra)}
     inputs.update(sources)
     outputs = [c[name] for name in RESULT_OUTPUTS]
@@ -253,7 +234,7 @@ def wire_generation(ctx: Any, registry: Registry, section: str, *, sources: Mapp
 
     private = dict(api_visibility="private", queue=False, show_progress="hidden")
     running = c["generate"].click(lambda: gr.update(interactive=False), outputs=[c["generate"]], **private).then(
-        generate, inputs_kwargs=inputs, outputs=outputs, api_name=section, concurrency_limit=None,
+        control_section.optional_images(generate, c), inputs_kwargs=inputs, outputs=outputs, api_name=section, concurrency_limit=None,
         show_progress="hidden")
     for after in (running.success, running.failure):  # see txt2img.wire: .then does not run after an error
         after(lambda: gr.update(interactive=True), outputs=[c["generate"]], **private)

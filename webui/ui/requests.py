@@ -85,12 +85,15 @@ def txt2img_request(
     options: Mapping[str, Any] | None = None,
     checkpoint: str | None = None,
     vae: str | None = None,
+    controlnet: tuple = (),
+    ip_adapters: tuple = (),
 ) -> GenerationRequest:
     """``{name: value}`` from the txt2img tab -> ``GenerationRequest``; raises ``RequestError``.
 
     Missing names take the request defaults; a blank sampler/schedule takes the option default.
     ``checkpoint``/``vae`` of ``None`` mean "the current selection", resolved by ``AppContext.submit``;
     saving and preview frequency are left to the options, which the worker's handler applies.
+    ``controlnet`` / ``ip_adapters``: ``ControlUnit`` / ``ReferenceImages`` (``control_section.requests_from``).
     """
     options = options or {}
     fields: dict[str, Any] = {}
@@ -116,6 +119,8 @@ def txt2img_request(
         **fields,
         checkpoint=checkpoint or None,
         vae=vae or None,
+        controlnet=tuple(controlnet),
+        ip_adapters=tuple(ip_adapters),
     )
 
 

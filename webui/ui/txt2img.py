@@ -16,7 +16,7 @@ import gradio as gr
 from webui.generation.samplers import sampler_names, schedule_names
 from webui.types import JobState, RequestError
 from webui.ui import hires as hires_ui
-from webui.ui import lora_stack, send_to
+from webui.ui import control_section, family_controls, lora_stack, send_to
 from webui.ui.common import Registry, session_id, status_html
 from webui.ui.progress import progress_html, watch
 from webui.ui.requests import TXT2IMG_FIELDS, txt2img_request
@@ -74,6 +74,7 @@ def render(ctx: Any) -> dict[str, Any]:
                                        precision=0, label="Clip skip", elem_id="txt2img_clip_skip")
             c.update(lora_stack.render(ctx, SECTION))
             c.update(hires_ui.render(ctx))  # hires-fix accordion (webui/ui/hires.py)
+            c.update(control_section.render(ctx, SECTION))  # ControlNet + IP-Adapter accordions
         with gr.Column(scale=1, min_width=320, elem_id="txt2img_results"):
             c["progress"] = gr.HTML(progress_html("Idle", active=False), label="Progress", elem_id="txt2img_progress")
             c["preview"] = gr.Image(label="Live preview", interactive=False, format="jpeg", visible=False,
@@ -156,12 +157,17 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     fields.update({name: c[name] for name in lora_stack.input_names(lora_stack.slot_count(c))})
     lora_stack.wire(ctx, registry, SECTION)
     fields.update({name: c[name] for name in hires_ui.FIELDS})
+    fields.update({name: c[name] for name in control_section.input_names(c)})
+    control_section.wire(ctx, c, SECTION, checkpoint=registry.get("models.checkpoint"))
+    family_controls.wire(ctx, c, registry.get("models.checkpoint"))  # DiT: guidance label, sampler, hints
     outputs = [c[k] for k in ("progress", "preview", "gallery", "infotext", "seed_used", "job_id", "infotexts",
                               "seeds", "selected", "action_status")]
 
     def generate(request: gr.Request, **values: Any):
         try:
-            req = txt2img_request(values, options=ctx.options.as_dict())
+            controlnet, ip_adapters = control_section.requests_from(values, SECTION)
+            req = txt2img_request(values, options=ctx.options.as_dict(), controlnet=controlnet,
+                                  ip_adapters=ip_adapters)
             req = hires_ui.apply(req, values)
             job = ctx.submit(req, client=session_id(request))
         except (RequestError, TypeError, RuntimeError) as exc:
@@ -196,7 +202,8 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         lambda: gr.update(interactive=False), outputs=[c["generate"]], queue=False, api_visibility="private",
         show_progress="hidden",
     ).then(
-        generate, inputs_kwargs=fields, outputs=outputs, api_name="txt2img", concurrency_limit=None,
+        control_section.optional_images(generate, c), inputs_kwargs=fields, outputs=outputs, api_name="txt2img",
+        concurrency_limit=None,
         show_progress="hidden",
     )
     for after in (running.success, running.failure):
