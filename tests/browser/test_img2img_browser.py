@@ -108,6 +108,7 @@ def test_inpaint_draw_a_mask_and_generate(page, app, source, screenshots):
     open_tab(page, app, "Inpaint", "#inpaint_editor")
     page.locator("#inpaint_editor input[type=file]").first.set_input_files(str(source))
     page.locator("#inpaint_editor").get_by_role("button", name="Brush", exact=True).wait_for()
+    page.wait_for_timeout(1500)  # the editor sizes its canvas to the image asynchronously: draw after that
     draw_stroke(page, "#inpaint_editor")
     page.screenshot(path=str(screenshots / "inpaint_mask_drawn.png"))
     page.locator("#inpaint_prompt textarea").fill("inpaint in the browser")

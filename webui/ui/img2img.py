@@ -3,29 +3,27 @@
 Layout follows txt2img (prompt row, settings column, results column; rows wrap on a narrow screen) and the
 widget names are the same request field names, so both tabs convert with ``webui.ui.img2img_requests`` and
 send-to / PNG info fill them by name.  Generate is a generator: it builds an ``Img2ImgRequest``, submits it
-under this browser session and follows the job with ``progress.watch`` (``follow_job``); Interrupt / Skip
+under this browser session and follows the job with ``job_view.follow_job``; Interrupt / Skip
 act only on this session's job.  Instruction-edit (instruct-pix2pix) checkpoints show the Image CFG scale
 and a hint; the hint follows the checkpoint dropdown.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import gradio as gr
 
 from webui.generation.samplers import sampler_names, schedule_names
 from webui.image_requests import RESIZE_MODE_NAMES, Img2ImgRequest
-from webui.types import JobState, RequestError, Variant
+from webui.types import RequestError, Variant
 from webui.ui import control_section, lora_stack, send_to
 from webui.ui.common import Registry, session_id, status_html
 from webui.ui.img2img_requests import IMG2IMG_FIELDS, img2img_request, size_from_image
-from webui.ui.progress import progress_html, watch
+from webui.ui.progress import progress_html
 from webui.ui.requests import TXT2IMG_FIELDS
-from webui.ui.txt2img import finish_updates
+from webui.ui.job_view import RESULT_OUTPUTS, follow_job, wire_job_controls
 
 SECTION = "img2img"
-RESULT_OUTPUTS = ("progress", "preview", "gallery", "infotext", "seed_used", "job_id", "infotexts", "seeds",
-                  "selected", "action_status")
 EDIT_HINT = ("**Instruction-edit checkpoint** (instruct-pix2pix): write the change as an instruction "
              "(\"make it winter\", \"turn the cat into a tiger\"). *Image CFG scale* sets how closely the result "
              "keeps the input image (1.5 is typical, higher = closer); denoising strength is not used.")
@@ -184,29 +182,6 @@ def field_names(c: Mapping[str, Any], extra: Mapping[str, str] = IMG2IMG_FIELDS)
     return names + [n for n in control_section.input_names(c) if n not in names]
 
 
-def follow_job(ctx: Any, c: Mapping[str, Any], job: Any, section: str) -> Iterator[dict[Any, Any]]:
-    """Updates for a submitted job until it ends: queue position, step, preview, then the gallery."""
-    yield {c["job_id"]: job.id, c["progress"]: progress_html("Queued"), c["action_status"]: "",
-           c["preview"]: gr.update(visible=True, value=None)}
-    last = None
-    for snap in watch(ctx.worker, job):
-        last = snap
-        if snap.finished:
-            break
-        update = {c["progress"]: progress_html(snap.text, snap.fraction)}
-        if snap.preview is not None:
-            update[c["preview"]] = snap.preview
-        yield update
-    if job.state in (JobState.FAILED, JobState.CANCELLED):
-        message = job.error or job.state.value
-        yield {**finish_updates(ctx, c, job, last.text if last else message, section),
-               c["progress"]: progress_html(f"{job.state.value.capitalize()}: {message}", error=True, active=False)}
-        if job.state is JobState.FAILED:
-            raise gr.Error(message, print_exception=False)
-        return
-    yield finish_updates(ctx, c, job, last.text if last else "Done", section)
-
-
 def wire_generation(ctx: Any, registry: Registry, section: str, *, sources: Mapping[str, Any],
                     build: Callable[[Mapping[str, Any], Mapping[str, Any]], Img2ImgRequest],
                     size_source: Any, size_of: Callable[[Any], Any], extra: Mapping[str, str] = IMG2IMG_FIELDS,
@@ -263,34 +238,3 @@ def wire_generation(ctx: Any, registry: Registry, section: str, *, sources: Mapp
 
     c["size_from_image"].click(use_size, inputs=[size_source], outputs=[c["width"], c["height"]],
                                api_visibility="private", concurrency_limit=None, show_progress="hidden")
-
-
-def wire_job_controls(ctx: Any, c: Mapping[str, Any], section: str) -> None:
-    """Interrupt / Skip for this session's job (API ``/<section>_interrupt``, ``/<section>_skip``)."""
-
-    def own_job(job_id: str | None, request: gr.Request) -> Any:
-        session = session_id(request)
-        job = ctx.worker.get(job_id) if job_id else None
-        if job is None or job.client != session or job.state.finished:
-            mine = [j for j in ctx.worker.jobs() if j.client == session and not j.state.finished]
-            mine.sort(key=lambda j: (j.state is not JobState.RUNNING, j.number))
-            job = mine[0] if mine else None
-        return job
-
-    def interrupt(job_id: str | None, request: gr.Request) -> str:
-        job = own_job(job_id, request)
-        if job is None:
-            return status_html("Nothing of yours is running.")
-        ctx.worker.cancel(job.id)
-        return status_html("Interrupting...", kind="busy")
-
-    def skip(job_id: str | None, request: gr.Request) -> str:
-        job = own_job(job_id, request)
-        if job is None or not ctx.worker.skip(job.id):
-            return status_html("Nothing of yours is running.")
-        return status_html("Skipping this batch...", kind="busy")
-
-    c["interrupt"].click(interrupt, inputs=[c["job_id"]], outputs=[c["action_status"]],
-                         api_name=f"{section}_interrupt", concurrency_limit=None, show_progress="hidden")
-    c["skip"].click(skip, inputs=[c["job_id"]], outputs=[c["action_status"]], api_name=f"{section}_skip",
-                    concurrency_limit=None, show_progress="hidden")

@@ -2,23 +2,23 @@
 
 Generate is a generator handler: it gets ``{field name: value}`` (``inputs_kwargs``, so API clients see
 the same names), builds a ``GenerationRequest`` with ``requests.txt2img_request``, submits it to
-the worker under this browser session's id, then follows the job with ``progress.watch`` and yields the
-progress bar, live preview and finally the gallery.  It runs with ``concurrency_limit=None``: the worker
+the worker under this browser session's id, then follows the job with ``job_view.follow_job`` (progress
+bar, live preview and finally the gallery, shared with img2img / inpaint).  It runs with ``concurrency_limit=None``: the worker
 queue serialises jobs, so a queued job shows its position and other tabs never wait on this one.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from webui.generation.samplers import sampler_names, schedule_names
-from webui.types import JobState, RequestError
+from webui.types import RequestError
 from webui.ui import hires as hires_ui
 from webui.ui import control_section, family_controls, lora_stack, send_to
-from webui.ui.common import Registry, session_id, status_html
-from webui.ui.progress import progress_html, watch
+from webui.ui.common import Registry, session_id
+from webui.ui.job_view import RESULT_OUTPUTS, follow_job, wire_job_controls
+from webui.ui.progress import progress_html
 from webui.ui.requests import TXT2IMG_FIELDS, txt2img_request
 
 SECTION = "txt2img"
@@ -99,58 +99,6 @@ def _pick(value: str, choices: list[str]) -> str | None:
     return choices[0] if choices else None
 
 
-def _gallery_item(ctx: Any, image: Any) -> Any:
-    """The saved file when Gradio may serve it (keeps its PNG metadata), else the PIL image + infotext."""
-    if image.path:
-        path = Path(image.path)
-        try:
-            path.resolve().relative_to(Path(ctx.settings.outdir).resolve())
-            if path.is_file():
-                return str(path)
-        except ValueError:
-            pass
-    pil = image.image.copy()
-    pil.info["parameters"] = image.infotext
-    return pil
-
-
-def _seed_html(seeds: list[int], section: str = SECTION) -> str:
-    if not seeds:
-        return ""
-    text = f"Seed: {seeds[0]}" if len(set(seeds)) == 1 else f"Seeds: {seeds[0]} … {seeds[-1]}"
-    return f'<div class="webui-status webui-status-info" id="{section}_seed_value">{text}</div>'
-
-
-def finish_updates(ctx: Any, c: dict[str, Any], job: Any, text: str, section: str = SECTION) -> dict[str, Any]:
-    """The updates of a generation tab ``section`` (components ``c``) when its ``job`` has ended."""
-    result = job.result
-    images = list(result.images) if result is not None else []
-    seeds = [img.seed for img in images]
-    infotexts = [img.infotext for img in images]
-    if job.state is JobState.INTERRUPTED:
-        text = f"Interrupted: kept {len(images)} image(s)"
-    elif job.state is JobState.DONE and job.started_at and job.finished_at:
-        text = f"Done: {len(images)} image(s) in {job.finished_at - job.started_at:.1f}s"
-    updates = {
-        c["progress"]: progress_html(text, 1.0 if job.state is JobState.DONE else 0.0, active=False),
-        c["preview"]: gr.update(visible=False, value=None),
-        c["job_id"]: None,
-        c["action_status"]: "",
-    }
-    if result is not None and (notes := lora_stack.result_notes(result.info)):
-        updates[c["action_status"]] = notes
-    if images or job.state in (JobState.DONE, JobState.INTERRUPTED):
-        updates.update({
-            c["gallery"]: [_gallery_item(ctx, img) for img in images],
-            c["infotext"]: infotexts[0] if infotexts else "",
-            c["seed_used"]: _seed_html(seeds, section),
-            c["infotexts"]: infotexts,
-            c["seeds"]: seeds,
-            c["selected"]: 0,
-        })
-    return updates
-
-
 def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     c = registry.section(SECTION)
     fields = {name: c[name] for name in TXT2IMG_FIELDS}
@@ -160,8 +108,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     fields.update({name: c[name] for name in control_section.input_names(c)})
     control_section.wire(ctx, c, SECTION, checkpoint=registry.get("models.checkpoint"))
     family_controls.wire(ctx, c, registry.get("models.checkpoint"))  # DiT: guidance label, sampler, hints
-    outputs = [c[k] for k in ("progress", "preview", "gallery", "infotext", "seed_used", "job_id", "infotexts",
-                              "seeds", "selected", "action_status")]
+    outputs = [c[k] for k in RESULT_OUTPUTS]
 
     def generate(request: gr.Request, **values: Any):
         try:
@@ -173,26 +120,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         except (RequestError, TypeError, RuntimeError) as exc:
             yield {c["progress"]: progress_html(str(exc), error=True, active=False)}
             raise gr.Error(str(exc), print_exception=False) from None
-        yield {c["job_id"]: job.id, c["progress"]: progress_html("Queued"), c["action_status"]: "",
-               c["preview"]: gr.update(visible=True, value=None)}
-        last = None
-        for snap in watch(ctx.worker, job):
-            last = snap
-            if snap.finished:
-                break
-            update = {c["progress"]: progress_html(snap.text, snap.fraction)}
-            if snap.preview is not None:
-                update[c["preview"]] = snap.preview
-            yield update
-        if job.state is JobState.FAILED or job.state is JobState.CANCELLED:
-            message = job.error or job.state.value
-            yield {**finish_updates(ctx, c, job, last.text if last else message),
-                   c["progress"]: progress_html(f"{job.state.value.capitalize()}: {message}", error=True,
-                                                active=False)}
-            if job.state is JobState.FAILED:
-                raise gr.Error(message, print_exception=False)
-            return
-        yield finish_updates(ctx, c, job, last.text if last else "Done")
+        yield from follow_job(ctx, c, job, SECTION)
 
     # inputs_kwargs: the handler gets {field name: value} and API clients see the same names
     # In the page Generate is disabled while this tab's job runs (API clients call /txt2img directly and
@@ -210,33 +138,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
         after(lambda: gr.update(interactive=True), outputs=[c["generate"]], queue=False, api_visibility="private",
               show_progress="hidden")
 
-    def own_job(job_id: str | None, request: gr.Request) -> Any:
-        """This session's job: the one in State, else its running one, else its next queued (API clients)."""
-        session = session_id(request)
-        job = ctx.worker.get(job_id) if job_id else None
-        if job is None or job.client != session or job.state.finished:
-            mine = [j for j in ctx.worker.jobs() if j.client == session and not j.state.finished]
-            mine.sort(key=lambda j: (j.state is not JobState.RUNNING, j.number))
-            job = mine[0] if mine else None
-        return job
-
-    def interrupt(job_id: str | None, request: gr.Request) -> str:
-        job = own_job(job_id, request)
-        if job is None:
-            return status_html("Nothing of yours is running.")
-        ctx.worker.cancel(job.id)  # queued: removed; running: stops after this step, keeps finished images
-        return status_html("Interrupting...", kind="busy")
-
-    def skip(job_id: str | None, request: gr.Request) -> str:
-        job = own_job(job_id, request)
-        if job is None or not ctx.worker.skip(job.id):
-            return status_html("Nothing of yours is running.")
-        return status_html("Skipping this batch...", kind="busy")
-
-    c["interrupt"].click(interrupt, inputs=[c["job_id"]], outputs=[c["action_status"]],
-                         api_name="txt2img_interrupt", concurrency_limit=None, show_progress="hidden")
-    c["skip"].click(skip, inputs=[c["job_id"]], outputs=[c["action_status"]], api_name="txt2img_skip",
-                    concurrency_limit=None, show_progress="hidden")
+    wire_job_controls(ctx, c, SECTION)
 
     def select(infotexts: list[str], evt: gr.SelectData):
         index = evt.index if isinstance(evt.index, int) else 0
