@@ -74,6 +74,9 @@ class AppContext:
 
         ctx.controlnets = ControlNetLoader(catalog, cache, manager.plan, allow_pickle=settings.allow_pickle)
         ctx.preprocessors = PreprocessorRegistry.from_plugins(ctx.plugins, cache=cache)
+        from webui.models.ip_adapter import IpAdapterLoader
+
+        ctx.ip_adapters = IpAdapterLoader(catalog, cache, manager.plan)
         ctx.lora_library = LoraLibrary.from_settings(settings, catalog.roots("lora"))  # scans lazily
         ctx.messages.extend(options.add_specs(ctx.plugins.option_specs()))
         for request_type, handler in build_handlers(ctx).items():

@@ -25,7 +25,13 @@ MODEL_FOLDERS = {
     "embedding": "embeddings",
     "esrgan": "ESRGAN",
     "controlnet": "ControlNet",
+    "ip_adapter": "ipadapter",
+    "clip_vision": "clip_vision",
+    "unet": "unet",  # DiT transformer-only files (Flux, SD3, ...), listed as checkpoints
+    "text_encoder": "text_encoders",  # split CLIP-L / CLIP-G / T5-XXL / Qwen2.5-VL files
 }
+# ComfyUI's other names for those two folders: scanned when they exist, never created.
+MODEL_FOLDER_ALIASES = {"unet": ("diffusion_models",), "text_encoder": ("clip",)}
 
 
 class SettingsError(ValueError):
@@ -63,6 +69,10 @@ class Settings:
     embeddings_dir: Path
     esrgan_dir: Path
     controlnet_dir: Path
+    ipadapter_dir: Path
+    clip_vision_dir: Path
+    unet_dir: Path
+    text_encoders_dir: Path
     outdir: Path
     host: str = "127.0.0.1"
     port: int = 7860
@@ -104,7 +114,16 @@ class Settings:
             "embedding": self.embeddings_dir,
             "esrgan": self.esrgan_dir,
             "controlnet": self.controlnet_dir,
+            "ip_adapter": self.ipadapter_dir,
+            "clip_vision": self.clip_vision_dir,
+            "unet": self.unet_dir,
+            "text_encoder": self.text_encoders_dir,
         }
+
+    def alias_model_dirs(self) -> dict[str, tuple[Path, ...]]:
+        """``models/diffusion_models`` and ``models/clip`` (ComfyUI names), by ``model_dirs`` key."""
+        models = self.data_dir / "models"
+        return {key: tuple(models / name for name in names) for key, names in MODEL_FOLDER_ALIASES.items()}
 
     def check_safe(self) -> None:
         """Refuse a public listen or share link without credentials unless --insecure is given."""
@@ -135,6 +154,10 @@ class Settings:
             "embeddings_dir": models / MODEL_FOLDERS["embedding"],
             "esrgan_dir": models / MODEL_FOLDERS["esrgan"],
             "controlnet_dir": models / MODEL_FOLDERS["controlnet"],
+            "ipadapter_dir": models / MODEL_FOLDERS["ip_adapter"],
+            "clip_vision_dir": models / MODEL_FOLDERS["clip_vision"],
+            "unet_dir": models / MODEL_FOLDERS["unet"],
+            "text_encoders_dir": models / MODEL_FOLDERS["text_encoder"],
         }
         values = {"data_dir": data_dir, "outdir": data_dir / "outputs", "extensions_dir": data_dir / "extensions",
                   **dirs}
@@ -151,6 +174,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--embeddings-dir", help="textual inversion folder (default: <data-dir>/models/embeddings)")
     p.add_argument("--esrgan-models-path", help="ESRGAN/upscaler folder (default: <data-dir>/models/ESRGAN)")
     p.add_argument("--controlnet-dir", help="ControlNet folder (default: <data-dir>/models/ControlNet)")
+    p.add_argument("--ipadapter-dir", help="IP-Adapter folder (default: <data-dir>/models/ipadapter)")
+    p.add_argument("--clip-vision-dir", help="CLIP vision encoder folder (default: <data-dir>/models/clip_vision)")
+    p.add_argument("--unet-dir", help="DiT transformer files (default: <data-dir>/models/unet)")
+    p.add_argument("--text-encoders-dir", help="CLIP/T5 text encoder files (default: <data-dir>/models/text_encoders)")
     p.add_argument("--outdir", help="output folder (default: <data-dir>/outputs)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 (needs --gradio-auth or --insecure)")
@@ -181,6 +208,10 @@ def settings_from_args(args: argparse.Namespace, *, default_data_dir: Path) -> S
         ("embeddings_dir", "embeddings_dir"),
         ("esrgan_models_path", "esrgan_dir"),
         ("controlnet_dir", "controlnet_dir"),
+        ("ipadapter_dir", "ipadapter_dir"),
+        ("clip_vision_dir", "clip_vision_dir"),
+        ("unet_dir", "unet_dir"),
+        ("text_encoders_dir", "text_encoders_dir"),
         ("outdir", "outdir"),
         ("extensions_dir", "extensions_dir"),
     ):

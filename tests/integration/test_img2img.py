@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 
 from tests.fixtures.controlnet_factory import place_controlnets
 from tests.fixtures.factory import TinyModels
+from tests.fixtures.ip_adapter_factory import place_ip_adapters
 from webui.context import AppContext
-from webui.image_requests import ControlUnit, Img2ImgRequest
+from webui.image_requests import ControlUnit, Img2ImgRequest, ReferenceImages
 from webui.io.metadata import parse_infotext
 from webui.settings import Settings
 from webui.types import GenerationRequest, JobState, RequestError
@@ -28,6 +29,8 @@ def ctx(tmp_path_factory, fixture_cache):
     models = TinyModels(root, fixture_cache)
     for name in ("sd15", "sd15_inpaint", "sd15_pix2pix"):
         models.path(name)
+    place_ip_adapters(root / "models", fixture_cache, ("ipadapter/tiny-ip-adapter_sd15.safetensors",
+                                                       "clip_vision/tiny-CLIP-ViT-H-14.safetensors"))
     place_controlnets(root / "models" / "ControlNet", fixture_cache,
                       ("tiny_control_sd15_canny.safetensors", "tiny_cn_sd15_diffusers", "tiny_cn_sdxl.safetensors"))
     context = AppContext.create(Settings.for_data_dir(root))
@@ -204,3 +207,21 @@ def test_controlnet_errors_are_clear(ctx):
     wrong = ctx.run(GenerationRequest(**SMALL, controlnet=[canny_unit(model="tiny_cn_sdxl")]), timeout=120)
     assert wrong.state is JobState.FAILED and "SDXL" in wrong.error
     done(ctx.run(GenerationRequest(**SMALL), timeout=120))  # and the next job works
+
+
+def test_reference_images_in_txt2img_and_img2img_and_the_unet_is_restored(ctx):
+    red, blue = Image.new("RGB", (64, 64), (220, 30, 30)), gradient(64, 64)
+    ref = dict(model="tiny-ip-adapter_sd15", weight=1.0)
+    plain = done(ctx.run(GenerationRequest(**SMALL), timeout=120))
+    with_red = done(ctx.run(GenerationRequest(**SMALL, ip_adapters=[ReferenceImages(**ref, images=[red])]),
+                            timeout=120))
+    with_two = done(ctx.run(GenerationRequest(**SMALL, ip_adapters=[ReferenceImages(**ref, images=[red, blue])]),
+                            timeout=120))
+    assert not np.array_equal(arr(plain.images[0].image), arr(with_red.images[0].image))
+    assert not np.array_equal(arr(with_red.images[0].image), arr(with_two.images[0].image))
+    assert "IP-Adapter" in parse_infotext(with_red.images[0].infotext)
+    img = done(ctx.run(Img2ImgRequest(**SMALL, init_images=[blue], ip_adapters=[ReferenceImages(**ref, images=[red])]),
+                       timeout=120))
+    assert img.images[0].image.size == (64, 64)
+    again = done(ctx.run(GenerationRequest(**SMALL), timeout=120))
+    assert np.array_equal(arr(plain.images[0].image), arr(again.images[0].image))  # adapter detached exactly

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 FOLDER_KINDS = MappingProxyType({
     "checkpoint": ModelKind.CHECKPOINT, "vae": ModelKind.VAE, "lora": ModelKind.LORA,
     "embedding": ModelKind.EMBEDDING, "controlnet": ModelKind.CONTROLNET, "esrgan": ModelKind.UPSCALER,
-    "upscaler": ModelKind.UPSCALER,
+    "upscaler": ModelKind.UPSCALER, "ip_adapter": ModelKind.IP_ADAPTER, "clip_vision": ModelKind.CLIP_VISION,
+    "unet": ModelKind.CHECKPOINT, "text_encoder": ModelKind.TEXT_ENCODER,
 })
 EXTENSIONS = MappingProxyType({
     ModelKind.CHECKPOINT: (".safetensors", ".ckpt"),
@@ -44,11 +45,15 @@ EXTENSIONS = MappingProxyType({
     ModelKind.EMBEDDING: (".safetensors", ".pt", ".bin"),
     ModelKind.CONTROLNET: (".safetensors", ".pth"),
     ModelKind.UPSCALER: (".pth", ".safetensors", ".pt"),
+    ModelKind.IP_ADAPTER: (".safetensors",),
+    ModelKind.CLIP_VISION: (".safetensors",),
+    ModelKind.TEXT_ENCODER: (".safetensors",),
 })
 LABELS = MappingProxyType({
     ModelKind.CHECKPOINT: "checkpoint", ModelKind.VAE: "VAE", ModelKind.LORA: "LoRA",
     ModelKind.EMBEDDING: "textual-inversion embedding", ModelKind.CONTROLNET: "ControlNet",
-    ModelKind.UPSCALER: "upscaler", ModelKind.UNKNOWN: "model",
+    ModelKind.UPSCALER: "upscaler", ModelKind.IP_ADAPTER: "IP-Adapter", ModelKind.CLIP_VISION: "CLIP vision encoder",
+    ModelKind.TEXT_ENCODER: "text encoder", ModelKind.UNKNOWN: "model",
 })
 HASH_CHUNK = 1024 * 1024
 _TITLE_HASH = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
@@ -216,7 +221,9 @@ class Catalog:
     @classmethod
     def from_settings(cls, settings) -> "Catalog":
         roots = {key: [path] for key, path in settings.model_dirs().items()}
-        roots["checkpoint"] = roots["checkpoint"] + list(settings.extra_ckpt_dirs)
+        for key, paths in settings.alias_model_dirs().items():  # ComfyUI folder names, when present
+            roots[key] = roots[key] + [p for p in paths if p.is_dir()]
+        roots["unet"] = roots["unet"] + list(settings.extra_ckpt_dirs)  # last checkpoint roots (same kind)
         return cls(roots, settings.cache_dir / "hashes.json", allow_pickle=settings.allow_pickle)
 
     # ---- reading ---------------------------------------------------------------------------
@@ -338,5 +345,5 @@ class Catalog:
             return ("pickle file: it can run code when loaded. Convert it to .safetensors, "
                     "or start with --allow-pickle if you trust its source")
         if folder is ModelKind.CHECKPOINT and det.arch is Arch.UNKNOWN and not det.details.get("pickle"):
-            return "architecture not recognised (supported: SD 1.x, SD 2.x, SDXL)"
+            return "architecture not recognised (supported: SD 1.x, SD 2.x, SDXL, SD3/3.5, Flux.1, Qwen-Image)"
         return None

@@ -37,6 +37,10 @@ from webui.models.header_facts import (
     metadata_arch,
     text_encoder_arch,
 )
+from webui.models.dit.detect import DIT_PIPELINES
+from webui.models.dit.detect import folder_facts as dit_folder_facts
+from webui.models.dit.detect import probe_header as dit_probe_header
+from webui.models.ip_adapter import adapter_facts, clip_vision_facts
 from webui.models.safetensors_header import (  # the header API, re-exported for existing importers
     SAFETENSORS_SUFFIXES,
     BrokenModelFile,
@@ -158,11 +162,14 @@ def _probe_checkpoint(h: SafetensorsHeader) -> Match | None:
 
 
 def _probe_dit(h: SafetensorsHeader) -> Match | None:
-    for marker, family in DIT_MARKERS:
-        if h.has_prefix(marker):
-            return Match(kind=ModelKind.CHECKPOINT, family=family,
-                         details={"unsupported": f"{family} models are not supported (only SD 1.x/2.x/SDXL)"})
-    return None
+    """Flux.1 / SD3 / Qwen-Image transformers (with or without ``model.diffusion_model.``), their split text
+    encoders and 16-channel VAEs: ``webui.models.dit.detect.probe_header``.  Runs before the SD checkpoint
+    detector, which would call an SD3 single file an unsupported checkpoint."""
+    probe = dit_probe_header(h)
+    if probe is None:
+        return None
+    return Match(kind=probe.kind, arch=probe.arch, variant=probe.variant, family=probe.family,
+                 details={**probe.details, "warnings": list(probe.details.get("warnings", ()))})
 
 
 def _probe_controlnet(h: SafetensorsHeader) -> Match | None:
@@ -265,13 +272,43 @@ def _probe_embedding(h: SafetensorsHeader) -> Match | None:
                  details={"format": fmt, "vectors": info.shape[0] if info.ndim == 2 else 1, "width": width})
 
 
+def _probe_ip_adapter(h: SafetensorsHeader) -> Match | None:
+    try:
+        facts = adapter_facts({k: v.shape for k, v in h.tensors.items()})
+    except ValueError as exc:
+        raise BrokenModel(str(exc)) from None
+    if facts is None:
+        return None
+    details: dict[str, Any] = {"format": "ip-adapter", "ip_adapter": facts, "warnings": []}
+    _confirm(facts["arch"], facts["context_width"], "cross-attention", details["warnings"])
+    if facts["unsupported"]:
+        details["unsupported"] = facts["unsupported"]
+    return Match(kind=ModelKind.IP_ADAPTER, arch=facts["arch"], family=FAMILY_BY_ARCH[facts["arch"]], details=details)
+
+
+def _probe_clip_vision(h: SafetensorsHeader) -> Match | None:
+    try:
+        facts = clip_vision_facts({k: v.shape for k, v in h.tensors.items()})
+    except ValueError as exc:
+        raise BrokenModel(str(exc)) from None
+    if facts is None:
+        return None
+    details: dict[str, Any] = {"format": "transformers", "clip_vision": facts}
+    if facts["unsupported"]:
+        details["unsupported"] = facts["unsupported"]
+    return Match(kind=ModelKind.CLIP_VISION, details=details)
+
+
 DETECTORS: Mapping[str, Detector] = MappingProxyType({d.name: d for d in (
     Detector("controlnet", 10, "control_model.*, input_hint_block.* or controlnet_cond_embedding.* keys",
              _probe_controlnet),
+    Detector("ip_adapter", 15, "image_proj.* + ip_adapter.N.to_k_ip keys (IP-Adapter)", _probe_ip_adapter),
     Detector("checkpoint", 20, "model.diffusion_model.* keys (ldm/sgm single-file checkpoint)", _probe_checkpoint),
-    Detector("dit", 25, "double_blocks.*/joint_blocks.* keys (Flux/SD3)", _probe_dit),
+    Detector("dit", 18, "double_blocks.*/joint_blocks.*/img_mod keys (Flux/SD3/Qwen-Image), CLIP/T5 text "
+             "encoder keys or a 16-channel VAE", _probe_dit),
     Detector("vae", 30, "encoder.down.*/decoder.up.* (ldm) or encoder.down_blocks.* (diffusers) keys", _probe_vae),
     Detector("lora", 40, "lora_down/lora_up, lora_A/lora_B, hada_*, lokr_* or dora_scale keys", _probe_lora),
+    Detector("clip_vision", 45, "vision_model.* keys (CLIP vision encoder)", _probe_clip_vision),
     Detector("embedding", 50, "emb_params, string_to_param.* or clip_l + clip_g keys", _probe_embedding),
 )})
 
@@ -339,6 +376,8 @@ DIFFUSERS_PIPELINES = MappingProxyType({
     "StableDiffusionXLPipeline": (Arch.SDXL, None), "StableDiffusionXLImg2ImgPipeline": (Arch.SDXL, None),
     "StableDiffusionXLInpaintPipeline": (Arch.SDXL, Variant.INPAINT),
     "StableDiffusionXLInstructPix2PixPipeline": (Arch.SDXL, Variant.INSTRUCT_PIX2PIX),
+    # DiT families (Flux.1 / Kontext, SD3/3.5, Qwen-Image / -Edit): see webui.models.dit.detect.DIT_PIPELINES
+    **{name: (arch, variant) for name, (arch, variant, _family) in DIT_PIPELINES.items()},
 })
 
 
@@ -363,6 +402,13 @@ def detect_diffusers_folder(folder: Path) -> Detection:
     if name not in DIFFUSERS_PIPELINES:
         details["unsupported"] = f"diffusers pipeline {name or '(no _class_name)'} is not supported"
         return Detection(kind=ModelKind.CHECKPOINT, details=details, message=details["unsupported"])
+    if name in DIT_PIPELINES:
+        try:
+            dit = dit_folder_facts(folder, index)
+        except ValueError as exc:
+            raise BrokenModelFile(folder, str(exc)) from None
+        return Detection(kind=dit.kind, arch=dit.arch, variant=dit.variant, family=dit.family,
+                         details={**details, **dit.details})
     arch, variant = DIFFUSERS_PIPELINES[name]
     unet = _read_json(folder / "unet" / "config.json", folder)
     width = unet.get("cross_attention_dim")

@@ -169,6 +169,8 @@ class ModelManager:
         record = self._checkpoint_record(checkpoint)
         vae_record = self._vae_record(vae)
         key = (_file_key("checkpoint", record), _file_key("vae", vae_record) if vae_record else None)
+        if record.arch in _DIT_ARCHES:  # Flux / SD3 / Qwen-Image: webui.models.dit
+            return _ensure_dit(self, record, vae_record, key)
         if self.current is not None and self._current_key == key:
             return self._sync_embeddings(self.current)
         started = time.perf_counter()
@@ -265,3 +267,42 @@ class ModelManager:
             free, total = torch.cuda.mem_get_info(self.plan.device)
             info["cuda"] = {"free": free, "total": total, "allocated": torch.cuda.memory_allocated(self.plan.device)}
         return info
+
+
+# ---- DiT families (Flux.1, SD3/3.5, Qwen-Image): loading branch of ModelManager.ensure -------------------
+_DIT_ARCHES = frozenset({Arch.FLUX, Arch.SD3, Arch.QWEN_IMAGE})
+
+
+def _ensure_dit(manager: ModelManager, record: ModelRecord, vae_record: ModelRecord | None, key: tuple) -> LoadedModel:
+    """Load (or take from the RAM cache) a DiT model and make it current; no textual inversions for DiTs."""
+    from webui.models.dit.assemble import load_dit
+    from webui.models.dit.components import DitLoadError, build_dit_pipeline
+
+    if manager.current is not None and manager._current_key == key:
+        return manager.current
+    started = time.perf_counter()
+    try:
+        components, vae_module, hit = load_dit(record, catalog=manager._catalog, cache=manager._cache,
+                                               vae_record=vae_record, dtype=manager.plan.dtype,
+                                               allow_pickle=manager._settings.allow_pickle)
+        manager._move_current_off_device()
+        pipe = build_dit_pipeline(components, vae=vae_module)
+    except DitLoadError as exc:
+        raise ModelUnavailable(str(exc)) from None
+    if manager.plan.device.type != "cpu":
+        pipe.to(manager.plan.device)
+    pipe.set_progress_bar_config(disable=True)
+    manager.current = LoadedModel(
+        record=record, components=components, pipe=pipe, encoder=_dit_encoder(pipe, components.arch),
+        vae_record=vae_record, model_hash=manager._catalog.sha256(record)[:10] if record.format != "diffusers" else None,
+        load_seconds=time.perf_counter() - started, cache_hit=hit)
+    manager._current_key = key
+    log.info("model ready: %s (%s, vae %s) in %.2fs%s", record.name, components.family, manager.current.vae_name,
+             manager.current.load_seconds, " [RAM cache]" if hit else "")
+    return manager.current
+
+
+def _dit_encoder(pipe: Any, arch: Arch) -> Any:
+    from webui.prompt.dit_encode import DitPromptEncoder
+
+    return DitPromptEncoder.from_pipeline(pipe, arch)
