@@ -117,9 +117,12 @@ class AppContext:
         s = self.settings
         return (
             "No checkpoint found. Put a Stable Diffusion checkpoint (.safetensors: SD 1.5, SD 2.x, SDXL, "
-            f"Pony, Illustrious, NoobAI...) into {s.ckpt_dir} and press Refresh. Other files go to: "
+            f"Pony, Illustrious, NoobAI, SD3.5...) or a diffusers folder into {s.ckpt_dir} and press Refresh. "
+            "Other files go to: "
             f"VAE -> {s.vae_dir}, LoRA -> {s.lora_dir}, embeddings -> {s.embeddings_dir}, "
-            f"upscalers -> {s.esrgan_dir}, ControlNet -> {s.controlnet_dir}. "
+            f"upscalers -> {s.esrgan_dir}, ControlNet -> {s.controlnet_dir}, IP-Adapter -> {s.ipadapter_dir} "
+            f"(image encoders -> {s.clip_vision_dir}); Flux/SD3.5 transformer-only files -> {s.unet_dir} with their "
+            f"text encoders in {s.text_encoders_dir}. "
             "Or use 'Download a starter model', or restart with --demo for tiny noise-making demo models."
         )
 
