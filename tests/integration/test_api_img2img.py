@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from tests.fixtures.controlnet_factory import LAYOUT as CONTROLNETS, VERSION as CONTROLNET_FIXTURES
 from webui.settings import Settings
 from tests.fixtures.net import free_port, place
 
@@ -44,21 +45,10 @@ def shapes(size=(64, 64)) -> Image.Image:
     return image
 
 
-def controlnet_factory():
-    try:
-        from tests.fixtures import controlnet_factory as factory
-    except ImportError:
-        return None
-    return factory
-
-
-def write_controlnet(folder: Path) -> Path | None:
-    """A tiny SD1.5 ControlNet from the ControlNet helper's factory (``tests/fixtures/controlnet_factory.py``)."""
-    factory = controlnet_factory()
-    if factory is None:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    return factory.write_sd15_controlnet(folder / "tiny_canny.safetensors")
+def write_controlnet(folder: Path, fixture_cache) -> Path:
+    """The tiny SD1.5 ControlNet (ldm single file) under the name ``tiny_canny.safetensors``."""
+    writer, kwargs = CONTROLNETS["tiny_control_sd15_canny.safetensors"]
+    return place(fixture_cache.get(writer, version=CONTROLNET_FIXTURES, **kwargs), folder / "tiny_canny.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +59,7 @@ def server(fixture_cache, tmp_path_factory):
     data = tmp_path_factory.mktemp("api_img2img")
     settings = Settings.for_data_dir(data, port=free_port(), api=True, nowebui=True)
     place(fixture_cache.get(write_sd15_checkpoint), settings.ckpt_dir / "tiny_sd15.safetensors")
-    controlnet = write_controlnet(settings.controlnet_dir)
+    controlnet = write_controlnet(settings.controlnet_dir, fixture_cache)
     running = start(settings)
     client = httpx.Client(base_url=running.url.rstrip("/"), timeout=300)
     try:
@@ -205,20 +195,13 @@ def test_controlnet_detect_canny_returns_an_edge_map(server):
     assert empty.status_code == 422 and "controlnet_input_images is empty" in empty.json()["errors"]
 
 
-def needs_controlnet(server):
-    if server.controlnet is None:
-        pytest.skip("tests/fixtures/controlnet_factory.py (tiny ControlNet) is not available")
-
-
 def test_controlnet_model_list_lists_the_tiny_controlnet(server):
-    needs_controlnet(server)
     models = server.client.get("/controlnet/model_list", params={"update": "true"}).json()["model_list"]
     (title,) = [m for m in models if m.startswith("tiny_canny [")]
     assert len(title) == len("tiny_canny [12345678]")
 
 
 def test_txt2img_and_img2img_with_a_canny_controlnet_unit(server):
-    needs_controlnet(server)
     title = next(m for m in server.client.get("/controlnet/model_list").json()["model_list"] if "tiny_canny" in m)
     unit = {"enabled": True, "image": b64(shapes()), "module": "canny", "model": title, "weight": 1.0,
             "processor_res": 64, "threshold_a": 100, "threshold_b": 200, "resize_mode": "Crop and Resize",
