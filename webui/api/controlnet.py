@@ -11,7 +11,6 @@ which is what sd-webui-controlnet shows and what clients send back; the hash is 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from webui.api.controlnet_units import decode_input_image
 from webui.api.images import encode_png_b64
 from webui.api.routing import Waiter
 from webui.api.schemas import ControlNetDetectRequest, ControlNetDetectResponse
+from webui.models.controlnet import legacy_hash
 from webui.types import ModelKind, RequestError
 
 PREFIX = "/controlnet"
@@ -30,18 +30,6 @@ UNIT_COUNT = 3  # units a client should offer (sd-webui-controlnet's control_net
 PREPROCESS_THREADS = 2  # /detect is CPU work: at most this many at once, off the event loop
 IP_ADAPTER_KIND = ModelKind.IP_ADAPTER.value
 RESOLUTION_SLIDER = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
-
-
-def legacy_hash(path: Path) -> str:
-    """A1111's old model hash (``sd_models.model_hash``): sha256 of 64 KiB at offset 1 MiB, 8 hex digits."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0x100000)
-            digest.update(handle.read(0x10000))
-    except OSError:
-        return "NOFILE"
-    return digest.hexdigest()[:8]
 
 
 def _records(ctx, kind: str) -> list:
