@@ -55,7 +55,7 @@ class AppContext:
         catalog = Catalog.from_settings(settings)
         catalog.refresh()
         cache = ComponentCache(int(options.get("sd_checkpoint_cache_mb")) * 1024 * 1024)
-        manager = ModelManager(catalog=catalog, cache=cache, settings=settings)
+        manager = ModelManager(catalog=catalog, cache=cache, settings=settings, option=options.get)
         ctx = cls(
             settings=settings,
             options=options,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from webui.runtime.memory import MODES as MEMORY_MODES
+
 
 class OptionError(ValueError):
     """An option value is invalid; the message names the key and the allowed values."""
@@ -68,6 +70,9 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("sd_vae", "Automatic", str, "VAE", "Models"),
     OptionSpec("CLIP_stop_at_last_layers", 1, int, "Clip skip", "Models", 1, 12),
     OptionSpec("sd_checkpoint_cache_mb", 8192, int, "RAM cache budget for models (MB)", "Models", 0, 1 << 20),
+    OptionSpec("memory_mode", "auto", str, "Memory mode on the accelerator (auto, full, model_offload, group_offload, "
+               "sequential_offload)", "Models", choices=lambda: MEMORY_MODES),
+    OptionSpec("memory_headroom_mb", 512, int, "Accelerator memory kept free (MB)", "Models", 0, 1 << 20),
     OptionSpec("outdir_samples", "", str, "Output folder (empty: <outdir>)", "Saving"),
     OptionSpec("samples_save", True, bool, "Save every generated image", "Saving"),
     OptionSpec("samples_filename_pattern", "[number]-[seed]", str, "File name pattern", "Saving"),

@@ -95,12 +95,15 @@ def merge_lora_refs(slots: Sequence[LoraRef], tags: Sequence[LoraRef]) -> tuple[
 
 
 class ModelManager:
-    def __init__(self, *, catalog: Catalog, cache: ComponentCache, settings: Settings, plan: DevicePlan | None = None):
+    def __init__(self, *, catalog: Catalog, cache: ComponentCache, settings: Settings, plan: DevicePlan | None = None,
+                 option: Any = None):
+        self._option = option  # OptionsStore.get (memory_mode, memory_headroom_mb); None: defaults
         self._catalog = catalog
         self._cache = cache
         self._settings = settings
         self.plan = plan or plan_device(settings.device, settings.precision)
         self.current: LoadedModel | None = None
+        self.memory_mode = "cpu"  # how the current model sits on the accelerator (webui.runtime.memory)
         self._current_key: tuple | None = None
         from webui.models.embeddings import EmbeddingLoader
 
@@ -174,12 +177,12 @@ class ModelManager:
         if self.current is not None and self._current_key == key:
             return self._sync_embeddings(self.current)
         started = time.perf_counter()
+        estimate = self._check_memory(record, vae_record)
         components, hit = self._checkpoint_components(record)
         vae_module = self._vae_module(vae_record, components.arch) if vae_record is not None else None
         self._move_current_off_device()
         pipe = loaders.build_pipeline(components, vae=vae_module)
-        if self.plan.device.type != "cpu":
-            pipe.to(self.plan.device)
+        self._place(pipe, estimate)
         pipe.set_progress_bar_config(disable=True)
         from webui.prompt.encode import PromptEncoder
 
@@ -246,12 +249,56 @@ class ModelManager:
         matched = {m.lora: (len(m.matched), m.total) for m in report.matches}
         return LoraApplication(hashes=hashes, warnings=warnings, seconds=report.seconds, matched=matched)
 
+    # ---- memory ---------------------------------------------------------------------------
+    def _check_memory(self, record: ModelRecord, vae_record: ModelRecord | None) -> Any:
+        """Estimate before loading (webui.runtime.memory); refuse with a message when it cannot fit."""
+        from webui.runtime import memory
+
+        sizes = {str(record.path): record.size}
+        if vae_record is not None:
+            sizes[str(vae_record.path)] = vae_record.size
+        estimate = memory.estimate_from_files(record.name, sizes, run_dtype_bytes=self.plan.dtype.itemsize)
+        cached = _file_key("checkpoint", record) in self._cache
+        free_host = _free_host_bytes() + self._cache.stats().bytes  # the cache gives way to a new model
+        try:
+            memory.choose_mode(estimate, self._memory_option("memory_mode", "auto"),
+                               free_accelerator=self._free_accelerator(), free_host=free_host if not cached
+                               else estimate.host_need(), headroom=self._headroom())
+        except memory.MemoryRefused as exc:
+            raise ModelUnavailable(str(exc)) from None
+        return estimate
+
+    def _place(self, pipe: Any, estimate: Any) -> None:
+        from webui.runtime import memory
+
+        free = self._free_accelerator()
+        mode = memory.choose_mode(estimate, self._memory_option("memory_mode", "auto"), free_accelerator=free,
+                                  free_host=estimate.host_need(), headroom=self._headroom())
+        memory.apply_memory_mode(pipe, mode, self.plan.device)
+        self.memory_mode = mode if free is not None else "cpu"
+        log.info("%s (%s)", estimate.describe(), self.memory_mode)
+
+    def _memory_option(self, key: str, default: Any) -> Any:
+        return self._option(key) if self._option is not None else default
+
+    def _headroom(self) -> int:
+        return int(self._memory_option("memory_headroom_mb", 512)) * 1024 * 1024
+
+    def _free_accelerator(self) -> int | None:
+        if not self.plan.is_cuda:
+            return None
+        free, _total = torch.cuda.mem_get_info(self.plan.device)
+        return free
+
     def _move_current_off_device(self) -> None:
         if self.current is None:
             return
         if self.current.patcher is not None:  # cached components must stay pristine
             self.current.patcher.restore()
         if self.plan.device.type != "cpu":
+            from webui.runtime.memory import release
+
+            release(self.current.pipe)
             self.current.pipe.to("cpu")
             torch.cuda.empty_cache() if self.plan.is_cuda else None
         self.current = None
@@ -281,6 +328,7 @@ def _ensure_dit(manager: ModelManager, record: ModelRecord, vae_record: ModelRec
     if manager.current is not None and manager._current_key == key:
         return manager.current
     started = time.perf_counter()
+    estimate = manager._check_memory(record, vae_record)
     try:
         components, vae_module, hit = load_dit(record, catalog=manager._catalog, cache=manager._cache,
                                                vae_record=vae_record, dtype=manager.plan.dtype,
@@ -289,8 +337,7 @@ def _ensure_dit(manager: ModelManager, record: ModelRecord, vae_record: ModelRec
         pipe = build_dit_pipeline(components, vae=vae_module)
     except DitLoadError as exc:
         raise ModelUnavailable(str(exc)) from None
-    if manager.plan.device.type != "cpu":
-        pipe.to(manager.plan.device)
+    manager._place(pipe, estimate)
     pipe.set_progress_bar_config(disable=True)
     manager.current = LoadedModel(
         record=record, components=components, pipe=pipe, encoder=_dit_encoder(pipe, components.arch),
@@ -300,6 +347,12 @@ def _ensure_dit(manager: ModelManager, record: ModelRecord, vae_record: ModelRec
     log.info("model ready: %s (%s, vae %s) in %.2fs%s", record.name, components.family, manager.current.vae_name,
              manager.current.load_seconds, " [RAM cache]" if hit else "")
     return manager.current
+
+
+def _free_host_bytes() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _dit_encoder(pipe: Any, arch: Arch) -> Any:
