@@ -316,7 +316,7 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
     return GenerationResult(images=tuple(images), parameters=request_parameters(request),
                             info=_result_info(request, model, images, base_seed, base_subseed, subseeds, started,
                                               loras, plan),
-                            interrupted=interrupted)
+                            interrupted=interrupted, extra_images=plan.extra_images)
 
 
 def request_parameters(request: GenerationRequest) -> dict[str, Any]:

@@ -50,22 +50,9 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
         options = _run_options(ctx)
         if request.enable_hr:
             options = replace(options, hires=HiresTools(upscaler_entries(ctx), ctx.cache, upscale_settings(ctx)))
-        control_for = _control_for(ctx, model, request, control) if request.controlnet else None
-        if model.arch in DIT_ARCHES:  # SD3 / Flux / Qwen-Image (webui.generation.dit)
-            from webui.generation.dit import build_dit_plan
-
-            plan = build_dit_plan(model, request)
-            notes = prompt_notes(model.arch, request.prompt, request.negative_prompt, request.steps)
-            if request.sampler == "Euler a":
-                notes.append("sampler 'Euler a' is sampled with the flow-matching Euler sampler on this model")
-            if notes:
-                applied = replace(applied, warnings=tuple(applied.warnings) + tuple(notes))
-        elif isinstance(request, Img2ImgRequest):
-            from webui.generation.img2img import build_plan
-
-            plan = build_plan(model, request, control_for)
-        else:
-            plan = txt2img_plan(model, request, control_for(None) if control_for else None)
+        plan, notes = _plan(ctx, model, request, control)
+        if notes:
+            applied = replace(applied, warnings=tuple(applied.warnings) + tuple(notes))
         attachment = None
         if request.ip_adapters:
             control.update(text=f"reference images: {len(request.ip_adapters)} IP-Adapter(s)")
@@ -79,20 +66,37 @@ def build_handlers(ctx: "AppContext") -> dict[type, Callable[["Job", "JobControl
         finally:
             if attachment is not None:
                 attachment.detach()
-        return replace(result, extra_images=plan.extra_images) if plan.extra_images else result
+        return result
 
     def load_model(job: "Job", control: "JobControl"):
         request: LoadModelRequest = job.request
         control.update(text=f"loading {request.checkpoint}")
         model = ctx.manager.ensure(request.checkpoint, request.vae)
         return {"checkpoint": model.name, "vae": model.vae_name, "seconds": model.load_seconds,
-                "cache_hit": model.cache_hit}
+                "cache_hit": model.cache_hit, "memory_mode": ctx.manager.memory_mode}
 
     def upscale(job: "Job", control: "JobControl"):
         return run_upscale_job(ctx, job.request, control, _run_options(ctx))
 
     return {GenerationRequest: generate, Img2ImgRequest: generate, LoadModelRequest: load_model,
             UpscaleRequest: upscale}
+
+
+def _plan(ctx: "AppContext", model: Any, request: GenerationRequest, control: "JobControl") -> tuple[Any, list[str]]:
+    """The SamplingPlan for this model family and request type, and notes for the user."""
+    if model.arch in DIT_ARCHES:  # SD3 / Flux / Qwen-Image (webui.generation.dit)
+        from webui.generation.dit import build_dit_plan
+
+        notes = prompt_notes(model.arch, request.prompt, request.negative_prompt, request.steps)
+        if request.sampler == "Euler a":
+            notes.append("sampler 'Euler a' is sampled with the flow-matching Euler sampler on this model")
+        return build_dit_plan(model, request), notes
+    control_for = _control_for(ctx, model, request, control) if request.controlnet else None
+    if isinstance(request, Img2ImgRequest):
+        from webui.generation.img2img import build_plan
+
+        return build_plan(model, request, control_for), []
+    return txt2img_plan(model, request, control_for(None) if control_for else None), []
 
 
 def _control_for(ctx: "AppContext", model: Any, request: GenerationRequest, control: "JobControl"):
