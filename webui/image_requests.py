@@ -64,6 +64,7 @@ class ControlUnit:
     processor_res: int = 512
     threshold_a: float | None = None  # preprocessor parameter 1 (canny: low threshold), None: its default
     threshold_b: float | None = None
+    save_detected_map: bool = True  # API: return the preprocessed map after the images
 
     def __post_init__(self) -> None:
         if isinstance(self.control_mode, int) and not isinstance(self.control_mode, bool):

@@ -73,6 +73,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("memory_mode", "auto", str, "Memory mode on the accelerator (auto, full, model_offload, group_offload, "
                "sequential_offload)", "Models", choices=lambda: MEMORY_MODES),
     OptionSpec("memory_headroom_mb", 512, int, "Accelerator memory kept free (MB)", "Models", 0, 1 << 20),
+    OptionSpec("control_net_no_detectmap", False, bool, "API: do not append ControlNet maps to the returned "
+               "images", "ControlNet"),
     OptionSpec("outdir_samples", "", str, "Output folder (empty: <outdir>)", "Saving"),
     OptionSpec("samples_save", True, bool, "Save every generated image", "Saving"),
     OptionSpec("samples_filename_pattern", "[number]-[seed]", str, "File name pattern", "Saving"),

@@ -224,6 +224,29 @@ def test_txt2img_and_img2img_with_a_canny_controlnet_unit(server):
     assert typo.status_code == 422 and "args[0].model" in message and "tiny_canny" in message, message
 
 
+def test_controlnet_maps_follow_the_images_like_sd_webui_controlnet(server):
+    """One map per enabled unit with save_detected_map (default true), after the images; the option
+    control_net_no_detectmap turns them off.  The map is the canny edge map: binary, 64x64."""
+    title = next(m for m in server.client.get("/controlnet/model_list").json()["model_list"] if "tiny_canny" in m)
+    unit = {"image": b64(shapes()), "module": "canny", "model": title, "processor_res": 64,
+            "threshold_a": 100, "threshold_b": 200}
+    body = {**SMALL, "seed": 3, "batch_size": 2}
+    two = server.client.post("/sdapi/v1/txt2img", json={
+        **body, "alwayson_scripts": {"controlnet": {"args": [unit, {**unit, "save_detected_map": False}]}}})
+    assert two.status_code == 200, two.text
+    images = [b64_png(data) for data in two.json()["images"]]
+    assert len(images) == 3, "2 images + the first unit's map (the second unit asked for none)"
+    edge_map = np.asarray(images[2].convert("L"))
+    assert edge_map.shape == (64, 64) and set(np.unique(edge_map)) <= {0, 255} and edge_map.max() == 255
+    assert "parameters" not in images[2].info
+    try:
+        assert server.client.post("/sdapi/v1/options", json={"control_net_no_detectmap": True}).status_code == 200
+        off = server.client.post("/sdapi/v1/txt2img", json={**body, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+        assert len(off.json()["images"]) == 2
+    finally:
+        server.client.post("/sdapi/v1/options", json={"control_net_no_detectmap": False})
+
+
 def test_new_routes_need_credentials_like_sdapi(tmp_path_factory):
     from webui.app import start
     from webui.settings import parse_auth

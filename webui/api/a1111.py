@@ -66,6 +66,12 @@ def finished_job_error(job) -> ApiError | None:
     return None
 
 
+def detected_maps(request: GenerationRequest, result: Any) -> list[Any]:
+    """The ControlNet maps sd-webui-controlnet appends after the images: one per enabled unit that asks."""
+    units = [unit for unit in request.controlnet if unit.enabled]
+    return [image for image, unit in zip(result.extra_images, units) if unit.save_detected_map]
+
+
 def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
     router = APIRouter(prefix=PREFIX, route_class=route_cls, strict_content_type=False, tags=["A1111 compatible"])
 
@@ -75,6 +81,8 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
             raise error
         result = job.result
         images = [encode_png_b64(img.image, img.infotext) for img in result.images] if conv.send_images else []
+        if conv.send_images and not ctx.options.get("control_net_no_detectmap"):
+            images.extend(encode_png_b64(m) for m in detected_maps(job.request, result))
         info = convert.a1111_info(result, job.request, job_id=job.id, started_at=job.started_at,
                                   warnings=conv.warnings)
         if conv.keep_options and job.state is JobState.DONE:

@@ -161,7 +161,8 @@ def controlnet_units(args: Any, *, init_image: Any = None,
                 resize_mode=_choice(unit.resize_mode, (), 1), pixel_perfect=bool(unit.pixel_perfect),
                 processor_res=unit.processor_res if unit.processor_res and unit.processor_res > 0
                 else DEFAULT_PROCESSOR_RES,
-                threshold_a=_sentinel(unit.threshold_a), threshold_b=_sentinel(unit.threshold_b)))
+                threshold_a=_sentinel(unit.threshold_a), threshold_b=_sentinel(unit.threshold_b),
+                save_detected_map=unit.save_detected_map is not False))
         except RequestError as exc:
             raise RequestError(f"{label}: {exc}") from None
     if len(units) > MAX_CONTROL_UNITS:

@@ -138,6 +138,8 @@ class ControlNetUnitRequest(_Lenient):
     control_mode: Optional[int | str] = Field(default=0, description="0/1/2 or Balanced / My prompt is more "
                                                                      "important / ControlNet is more important")
     pixel_perfect: Optional[bool] = False
+    save_detected_map: Optional[bool] = Field(
+        default=True, description="append this unit's preprocessed map to the returned images")
 
 
 class ControlNetDetectRequest(_Lenient):
