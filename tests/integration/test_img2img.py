@@ -189,6 +189,42 @@ def test_controlnet_units_in_txt2img_change_the_image_and_are_in_infotext(ctx):
     assert ctx.manager.current.name.startswith("tiny_sd15")
 
 
+def test_hires_fix_applies_the_controlnet_units_again_in_the_second_pass(ctx):
+    """End to end (128x128 result, MultiControlNet view, infotext), then the second pass alone on the same
+    first-pass latents: with the unit it differs from no unit; with the unit at weight 0 it equals no unit
+    (the ControlNet residuals are scaled by 0; float32 on the CPU, tolerance 1e-5)."""
+    import time
+
+    import torch
+
+    from tests.fixtures.dit_pipes import Control
+    from webui.generation.control import prepare_control
+    from webui.generation.hires import run_hires
+
+    hires = dict(enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.6)
+    two_units = [canny_unit(), canny_unit(model="tiny_cn_sd15_diffusers", module="none", guidance_end=0.5)]
+    result = done(ctx.run(GenerationRequest(**SMALL, **hires, controlnet=two_units), timeout=120))
+    assert result.images[0].image.size == (128, 128)
+    assert "ControlNet 1" in parse_infotext(result.images[0].infotext)
+
+    model = ctx.manager.current  # idle worker: the second pass is run here directly
+    request = GenerationRequest(**SMALL, **hires)
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+
+    def second_pass(units):
+        cond = prepare_control(units, base_arch=model.arch, width=64, height=64, loader=ctx.controlnets,
+                               do_cfg=True) if units else None
+        out, interrupted = run_hires(model=model, request=request, latents=latents.clone(), seeds=[3],
+                                     control=Control(), started=time.perf_counter(), control_cond=cond)
+        assert not interrupted
+        return out
+
+    plain, controlled, zero = second_pass([]), second_pass([canny_unit()]), second_pass([canny_unit(weight=0.0)])
+    assert controlled.shape == plain.shape == (1, 4, 16, 16)
+    assert (controlled - plain).abs().max() > 1e-3
+    assert torch.allclose(zero, plain, atol=1e-5)
+
+
 def test_controlnet_in_img2img_uses_the_input_image_and_inpaint_keeps_unmasked(ctx):
     source = gradient(64, 64)
     mask = square_mask((64, 64), (16, 16, 47, 47))

@@ -92,16 +92,25 @@ def upscale_latents(latents: torch.Tensor, size: tuple[int, int], mode: str) -> 
                                            antialias=antialias).to(latents.dtype)
 
 
-def img2img_pipe(pipe: Any) -> Any:
-    """The img2img pipeline over the same components (diffusers ``from_pipe``: no copies)."""
-    import diffusers
+def img2img_pipe(model: Any, controlnet: Any = None) -> Any:
+    """The img2img pipeline (with ``controlnet``: the ControlNet img2img one) over the model's components:
+    a ``from_pipe`` view (no copies), kept with the model's other task views."""
+    from webui.generation.pipeline_tasks import task_pipeline
 
-    name = _IMG2IMG.get(type(pipe).__name__)
-    if name is None:
-        raise RequestError(f"hires fix is not available for {type(pipe).__name__} models")
-    out = getattr(diffusers, name).from_pipe(pipe)
-    out.set_progress_bar_config(disable=True)
-    return out
+    if type(model.pipe).__name__ not in _IMG2IMG:
+        raise RequestError(f"hires fix is not available for {type(model.pipe).__name__} models")
+    return task_pipeline(model, "img2img", controlnet=controlnet)
+
+
+def hires_control(control_cond: Any, size: tuple[int, int]) -> dict[str, Any]:
+    """The txt2img ControlNet units again in the second pass (sd-webui-controlnet does the same): each map
+    scaled to cover the hires size and centre-cropped, as the upscaled image is; same weights and ranges."""
+    from PIL import Image, ImageOps
+
+    if getattr(control_cond, "controlnet", None) is None:
+        return {}
+    images = [m if m.size == size else ImageOps.fit(m, size, Image.Resampling.LANCZOS) for m in control_cond.images]
+    return {"control_image": images, **control_cond.kwargs}
 
 
 def _upscale_images(images: list[Image.Image], size: tuple[int, int], request: GenerationRequest,
@@ -129,9 +138,10 @@ def _upscale_images(images: list[Image.Image], size: tuple[int, int], request: G
 
 
 def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, seeds: list[int], control: Any,
-              started: float, tools: HiresTools | None = None,
-              samplers: Any = None) -> tuple[torch.Tensor | None, bool]:
-    """Second pass for one batch; returns (final latents, interrupted)."""
+              started: float, tools: HiresTools | None = None, samplers: Any = None,
+              control_cond: Any = None) -> tuple[torch.Tensor | None, bool]:
+    """Second pass for one batch; returns (final latents, interrupted).  ``control_cond``: the first pass's
+    ControlNet conditioning (``webui.generation.control.ControlConditioning``), applied again."""
     from webui.generation.runner import decode
     from webui.generation.samplers import make_scheduler
 
@@ -147,7 +157,7 @@ def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, 
         image_input = _upscale_images(decode(pipe, latents), size, request, tools, control)
     if control.interrupted:
         return None, True
-    img_pipe = img2img_pipe(pipe)
+    img_pipe = img2img_pipe(model, getattr(control_cond, "controlnet", None))
     sampler = request.hr_sampler_name or request.sampler
     schedule = request.hr_scheduler or request.schedule
     img_pipe.scheduler = make_scheduler(
@@ -173,7 +183,7 @@ def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, 
             p._interrupt = True
         return {}
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = hires_control(control_cond, size)
     if "SDXL" in type(img_pipe).__name__:
         kwargs.update(original_size=(size[1], size[0]), target_size=(size[1], size[0]))
     result = img_pipe(

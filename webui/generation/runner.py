@@ -169,6 +169,7 @@ class SamplingPlan:
     infotext: dict[str, Any] = field(default_factory=dict)
     prompt_schedule: bool = True  # False: the pipeline cannot take switched embeddings mid-run
     extra_images: tuple[Any, ...] = ()  # shown with the result, not saved (e.g. ControlNet maps)
+    control: Any = None  # the ControlNet conditioning of a txt2img plan, applied again in the hires pass
     info: dict[str, Any] = field(default_factory=dict)  # merged into the result's info
     # DiT hooks (webui.generation.dit); None keeps the UNet behaviour
     latent_shape: tuple[int, ...] | None = None  # per-image CPU noise shape; None: (vae channels, h/8, w/8)
@@ -196,7 +197,7 @@ def txt2img_plan(model: Any, request: GenerationRequest, control_cond: Any = Non
     return SamplingPlan(
         pipe=pipe, call_kwargs=call, batch_kwargs=lambda _b, _s, noise: {"latents": noise},
         infotext=dict(getattr(control_cond, "infotext", {}) or {}),
-        extra_images=tuple(getattr(control_cond, "maps", ()) or ()),
+        extra_images=tuple(getattr(control_cond, "maps", ()) or ()), control=control_cond,
     )
 
 
@@ -290,7 +291,7 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
         if request.enable_hr:  # 4b. hires fix: upscale + second pass (webui.generation.hires)
             latents, interrupted = run_hires(model=model, request=request, latents=latents, seeds=batch_seeds,
                                              control=control, started=started, tools=options.hires,
-                                             samplers=options.samplers)
+                                             samplers=options.samplers, control_cond=plan.control)
             if interrupted:
                 break
         # 5. Decode, infotext, save.
