@@ -31,7 +31,7 @@ MODEL_FOLDERS = {
     "text_encoder": "text_encoders",  # split CLIP-L / CLIP-G / T5-XXL / Qwen2.5-VL files
 }
 # ComfyUI's other names for those two folders: scanned when they exist, never created.
-MODEL_FOLDER_ALIASES = {"unet": ("diffusion_models",), "text_encoder": ("clip",)}
+MODEL_FOLDER_ALIASES = {"unet": ("diffusion_models",), "text_encoder": ("clip",), "vae": ("vae",)}
 
 
 class SettingsError(ValueError):
@@ -121,7 +121,7 @@ class Settings:
         }
 
     def alias_model_dirs(self) -> dict[str, tuple[Path, ...]]:
-        """``models/diffusion_models`` and ``models/clip`` (ComfyUI names), by ``model_dirs`` key."""
+        """``models/diffusion_models``, ``models/clip`` and ``models/vae`` (ComfyUI names), by ``model_dirs`` key."""
         models = self.data_dir / "models"
         return {key: tuple(models / name for name in names) for key, names in MODEL_FOLDER_ALIASES.items()}
 

@@ -250,3 +250,21 @@ def test_lists_are_consistent_while_refreshing(models, tmp_path):
         t.join()
     assert not errors
     assert len(catalog.list("checkpoint")) == len(expected) + 20
+
+
+def test_comfyui_folder_names_are_extra_roots_only_when_they_are_other_folders(tmp_path):
+    """models/diffusion_models, models/clip and models/vae join unet / text_encoder / vae when present; a lower
+    case models/vae that *is* models/VAE (case-insensitive file system) is not listed twice."""
+    from webui.settings import Settings
+
+    settings = Settings.for_data_dir(tmp_path)
+    models = tmp_path / "models"
+    for name in ("diffusion_models", "clip", "vae"):
+        (models / name).mkdir(parents=True, exist_ok=True)
+    catalog = Catalog.from_settings(settings)
+    vae_roots = catalog.roots(ModelKind.VAE.value)
+    assert [p.name for p in catalog.roots(ModelKind.TEXT_ENCODER.value)][-1] == "clip"
+    assert "diffusion_models" in [p.name for p in catalog.roots("unet")]
+    assert settings.vae_dir in vae_roots
+    case_insensitive = (models / "VAE").is_dir() and (models / "VAE").samefile(models / "vae")
+    assert len(vae_roots) == (1 if case_insensitive else 2)

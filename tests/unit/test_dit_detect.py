@@ -86,14 +86,15 @@ def _header(shapes: dict[str, list[int]]):
     return parse_header(entries)
 
 
-def test_real_widths_name_the_text_encoders_and_chroma_is_unsupported():
+def test_real_widths_name_the_text_encoders_and_chroma():
     clip_l = detect(_header({"text_model.embeddings.token_embedding.weight": [49408, 768],
                              "text_model.encoder.layers.0.mlp.fc1.weight": [3072, 768]}))
     t5 = detect(_header({"shared.weight": [32128, 4096], "encoder.block.0.layer.0.SelfAttention.q.weight": [4096, 4096]}))
     assert (clip_l.details["encoder"], t5.details["encoder"]) == ("clip_l", "t5xxl")
     chroma = detect(_header({"double_blocks.0.img_attn.qkv.weight": [9216, 3072], "img_in.weight": [3072, 64],
                              "distilled_guidance_layer.in_proj.weight": [5120, 64]}))
-    assert chroma.family == "Chroma" and "not supported" in chroma.unsupported
+    assert (chroma.family, chroma.arch, chroma.unsupported) == ("Chroma", Arch.FLUX, None)  # loadable now
+    assert chroma.details["needs"] == ["t5xxl", "vae"]  # T5 only, no CLIP
 
 
 def test_flux_lora_is_not_taken_for_a_transformer():

@@ -16,7 +16,10 @@ Same runner, seeds, previews, Interrupt/Skip, saving and infotext as the UNet mo
   the output size is the request's.  Several references: Qwen-Image-Edit uses the multi-image (Plus)
   pipeline; Kontext gets them stitched side by side (ComfyUI's approach).
 * img2img on non-edit DiT models: the family's img2img pipeline (strength = denoising strength).
-* not yet: inpainting, hires fix, ControlNet and IP-Adapter on DiT models (clear ``RequestError``).
+* Chroma (``Arch.FLUX``, its own pipeline: ``pipeline_tasks.FAMILY_TASKS``): real CFG with the negative prompt
+  and T5 attention masks (``GUIDANCE_BY_PIPELINE``); txt2img and img2img.
+* inpainting: Flux.1 Fill models (``webui.generation.dit_fill``); other DiT models refuse a mask.
+* not yet: hires fix, ControlNet and IP-Adapter on DiT models (clear ``RequestError``).
 Worker thread only.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Mapping
 
 import torch
 
-from webui.generation.pipeline_tasks import task_pipeline
+from webui.generation.pipeline_tasks import base_pipeline_class, task_pipeline
 from webui.generation.runner import SamplingPlan, decode as vae_decode
 from webui.image_requests import Img2ImgRequest
 from webui.prompt.dit_encode import DIT_ARCHES
@@ -46,6 +49,12 @@ GUIDANCE: Mapping[Arch, str] = MappingProxyType({
     Arch.SD3: "cfg",  # guidance_scale = classifier-free guidance with the negative prompt
     Arch.QWEN_IMAGE: "true_cfg",  # true_cfg_scale with the negative prompt
 })
+# families sharing an Arch but guided differently, by pipeline class
+GUIDANCE_BY_PIPELINE: Mapping[str, str] = MappingProxyType({"ChromaPipeline": "cfg"})
+
+
+def guidance_mode(model: Any) -> str:
+    return GUIDANCE_BY_PIPELINE.get(base_pipeline_class(model), GUIDANCE[Arch(model.arch)])
 
 
 def _label(model: Any) -> str:
@@ -73,8 +82,10 @@ def check_request(model: Any, request: GenerationRequest) -> None:
         raise RequestError(f"IP-Adapter reference images are not supported for {label} models yet: remove them"
                            + (" (Kontext / Qwen-Image-Edit take reference images in the img2img tab)"
                               if model.components.variant is Variant.EDIT else ""))
-    if isinstance(request, Img2ImgRequest) and request.mask is not None:
-        raise RequestError(f"inpainting is not supported for {label} models yet: use img2img without a mask")
+    if isinstance(request, Img2ImgRequest) and request.mask is not None \
+            and model.components.variant is not Variant.INPAINT:
+        raise RequestError(f"inpainting is not supported for {label} models (except Flux.1 Fill) yet: use img2img "
+                           "without a mask, or a Flux.1 Fill model")
     multiple = 16
     for side in ("width", "height"):
         value = getattr(request, side)
@@ -168,8 +179,7 @@ def _references(request: Img2ImgRequest) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- plans
-def _guidance_kwargs(pipe: Any, arch: Arch, cfg: float) -> dict[str, Any]:
-    mode = GUIDANCE[arch]
+def _guidance_kwargs(pipe: Any, mode: str, cfg: float) -> dict[str, Any]:
     if mode == "true_cfg":
         distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
         return {"true_cfg_scale": cfg, "guidance_scale": cfg if distilled else None}
@@ -184,6 +194,10 @@ def _edit_task(model: Any, count: int) -> str:
 
 def build_dit_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
     """txt2img / img2img / edit plan for a DiT model (see the module docstring)."""
+    if model.components.variant is Variant.INPAINT:  # Flux.1 Fill: its own plan (masks, start latents, overlay)
+        from webui.generation.dit_fill import build_fill_plan
+
+        return build_fill_plan(model, request)
     check_request(model, request)
     arch, variant = Arch(model.arch), model.components.variant
     images = _references(request) if isinstance(request, Img2ImgRequest) and request.init_images else []
@@ -195,10 +209,11 @@ def build_dit_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
         task = "txt2img"
     pipe = task_pipeline(model, task)
     width, height, batch = request.width, request.height, request.batch_size
-    call: dict[str, Any] = {"width": width, "height": height, **_guidance_kwargs(pipe, arch, request.cfg_scale)}
+    guidance = guidance_mode(model)
+    call: dict[str, Any] = {"width": width, "height": height, **_guidance_kwargs(pipe, guidance, request.cfg_scale)}
     infotext: dict[str, Any] = {}
     info: dict[str, Any] = {"task": task, "sampler_name": INFOTEXT_SAMPLER[0], "scheduler": INFOTEXT_SAMPLER[1],
-                            "guidance": GUIDANCE[arch]}
+                            "guidance": guidance}
     steps_run = 0
     if task == "img2img":
         from webui.generation.image_prep import resize_image

@@ -7,7 +7,8 @@ dict on ``LoadedModel.task_pipes``) because ``from_pipe`` re-inspects signatures
 """
 from __future__ import annotations
 
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 from webui.types import Arch, RequestError, Variant
 
@@ -45,6 +46,14 @@ TASK_PIPELINES.update({
     (_QWEN, "edit", False): "QwenImageEditPipeline",
     (_QWEN, "edit_multi", False): "QwenImageEditPlusPipeline",
 })
+# Models whose pipeline is not their Arch's default (Chroma and Flux.1 Fill are Arch.FLUX: same latents, VAE,
+# previews and LoRA keys as Flux.1), by the loaded model's pipeline class: task -> class.
+FAMILY_TASKS: Mapping[str, Mapping[str, str]] = MappingProxyType({
+    "ChromaPipeline": MappingProxyType({"txt2img": "ChromaPipeline", "img2img": "ChromaImg2ImgPipeline"}),
+    # Fill: txt2img = inpaint under a full mask (webui.generation.dit_fill)
+    "FluxFillPipeline": MappingProxyType({"txt2img": "FluxFillPipeline", "inpaint": "FluxFillPipeline"}),
+})
+FAMILY_LABELS: Mapping[str, str] = MappingProxyType({"ChromaPipeline": "Chroma", "FluxFillPipeline": "Flux.1 Fill"})
 _FAMILY = {Arch.SD1: _SD, Arch.SD2: _SD, Arch.SDXL: _XL, Arch.SDXL_REFINER: _XL,
            Arch.SD3: _SD3, Arch.FLUX: _FLUX, Arch.QWEN_IMAGE: _QWEN}
 
@@ -69,7 +78,21 @@ def task_for(variant: Variant, *, has_image: bool, has_mask: bool) -> str:
     return "img2img" if has_image else "txt2img"
 
 
-def pipeline_class_name(arch: Arch, task: str, *, controlnet: bool = False) -> str:
+def base_pipeline_class(model: Any) -> str:
+    """The diffusers class a loaded model was built as (DiT components say it; UNet models: "")."""
+    return str(getattr(model.components, "pipeline_class", "") or "")
+
+
+def pipeline_class_name(arch: Arch, task: str, *, controlnet: bool = False, base: str = "") -> str:
+    """``base``: the loaded model's own pipeline class (``base_pipeline_class``), for ``FAMILY_TASKS``."""
+    tasks = FAMILY_TASKS.get(base)
+    if tasks is not None:
+        name = None if controlnet else tasks.get(task)
+        if name is None:
+            extra = " with ControlNet" if controlnet else ""
+            raise RequestError(f"{task}{extra} is not available for {FAMILY_LABELS[base]} models "
+                               f"(they do: {', '.join(tasks)})")
+        return name
     family = _FAMILY.get(arch)
     if arch is Arch.SDXL_REFINER and task == "txt2img":
         raise RequestError("the SDXL refiner only refines images: use it in img2img, or pick an SDXL base model")
@@ -84,7 +107,7 @@ def task_pipeline(model: Any, task: str, controlnet: Any = None) -> Any:
     """The pipeline for ``task`` over ``model``'s components (``controlnet``: a ControlNetModel/Multi...)."""
     import diffusers
 
-    name = pipeline_class_name(model.arch, task, controlnet=controlnet is not None)
+    name = pipeline_class_name(model.arch, task, controlnet=controlnet is not None, base=base_pipeline_class(model))
     base = model.pipe
     if type(base).__name__ == name and controlnet is None:
         return base

@@ -39,7 +39,7 @@ FOLDER_KINDS = MappingProxyType({
     "unet": ModelKind.CHECKPOINT, "text_encoder": ModelKind.TEXT_ENCODER,
 })
 EXTENSIONS = MappingProxyType({
-    ModelKind.CHECKPOINT: (".safetensors", ".ckpt"),
+    ModelKind.CHECKPOINT: (".safetensors", ".ckpt", ".gguf"),
     ModelKind.VAE: (".safetensors", ".pt", ".ckpt"),
     ModelKind.LORA: (".safetensors", ".pt"),
     ModelKind.EMBEDDING: (".safetensors", ".pt", ".bin"),
@@ -47,7 +47,7 @@ EXTENSIONS = MappingProxyType({
     ModelKind.UPSCALER: (".pth", ".safetensors", ".pt"),
     ModelKind.IP_ADAPTER: (".safetensors",),
     ModelKind.CLIP_VISION: (".safetensors",),
-    ModelKind.TEXT_ENCODER: (".safetensors",),
+    ModelKind.TEXT_ENCODER: (".safetensors", ".gguf"),  # GGUF text encoders: listed with why they cannot load
 })
 LABELS = MappingProxyType({
     ModelKind.CHECKPOINT: "checkpoint", ModelKind.VAE: "VAE", ModelKind.LORA: "LoRA",
@@ -55,6 +55,7 @@ LABELS = MappingProxyType({
     ModelKind.UPSCALER: "upscaler", ModelKind.IP_ADAPTER: "IP-Adapter", ModelKind.CLIP_VISION: "CLIP vision encoder",
     ModelKind.TEXT_ENCODER: "text encoder", ModelKind.UNKNOWN: "model",
 })
+FILE_FORMATS = MappingProxyType({".safetensors": "safetensors", ".gguf": "gguf"})  # anything else: pickle
 HASH_CHUNK = 1024 * 1024
 _TITLE_HASH = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 
@@ -83,7 +84,7 @@ class ModelRecord:
     family: str = ""
     size: int = 0
     mtime: float = 0.0
-    format: str = "safetensors"  # "safetensors" | "diffusers" | "pickle"
+    format: str = "safetensors"  # "safetensors" | "diffusers" | "gguf" | "pickle"
     error: str | None = None  # why it cannot be used; None = usable
     sha256: str | None = None  # known once computed (Catalog.sha256) or found in the hash cache
     detection: Detection | None = field(default=None, compare=False, repr=False)
@@ -201,6 +202,17 @@ def _walk(root: Path, extensions: tuple[str, ...]) -> Iterator[Path]:
                 continue
 
 
+def _is_listed(path: Path, roots: list[Path]) -> bool:
+    """``path`` is one of ``roots`` (``models/vae`` is ``models/VAE`` on a case-insensitive file system)."""
+    for root in roots:
+        try:
+            if root.is_dir() and path.samefile(root):
+                return True
+        except OSError:
+            continue
+    return False
+
+
 class Catalog:
     def __init__(self, roots: Mapping[str, Sequence[Path | str]], hash_cache_file: Path | None = None, *,
                  allow_pickle: bool = False) -> None:
@@ -222,7 +234,7 @@ class Catalog:
     def from_settings(cls, settings) -> "Catalog":
         roots = {key: [path] for key, path in settings.model_dirs().items()}
         for key, paths in settings.alias_model_dirs().items():  # ComfyUI folder names, when present
-            roots[key] = roots[key] + [p for p in paths if p.is_dir()]
+            roots[key] = roots[key] + [p for p in paths if p.is_dir() and not _is_listed(p, roots[key])]
         roots["unet"] = roots["unet"] + list(settings.extra_ckpt_dirs)  # last checkpoint roots (same kind)
         return cls(roots, settings.cache_dir / "hashes.json", allow_pickle=settings.allow_pickle)
 
@@ -317,7 +329,7 @@ class Catalog:
     def _make_record(self, folder: ModelKind, root: Path, path: Path, stamp: tuple[int, int]) -> ModelRecord:
         rel = path.relative_to(root).as_posix()
         is_dir = path.is_dir()
-        fmt = "diffusers" if is_dir else "safetensors" if path.suffix.lower() == ".safetensors" else "pickle"
+        fmt = "diffusers" if is_dir else FILE_FORMATS.get(path.suffix.lower(), "pickle")
         common = dict(name=rel if is_dir else rel[: -len(path.suffix)], filename=path.name, path=path,
                       folder=folder, size=stamp[0], mtime=stamp[1] / 1e9, format=fmt)
         if folder is ModelKind.UPSCALER:  # identified by spandrel when loaded

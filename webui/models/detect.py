@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -40,6 +40,7 @@ from webui.models.header_facts import (
 from webui.models.dit.detect import DIT_PIPELINES
 from webui.models.dit.detect import folder_facts as dit_folder_facts
 from webui.models.dit.detect import probe_header as dit_probe_header
+from webui.models.gguf_header import GGUF_SUFFIXES, gguf_text_encoder, quantization_summary, read_gguf_header
 from webui.models.ip_adapter import adapter_facts, clip_vision_facts
 from webui.models.safetensors_header import (  # the header API, re-exported for existing importers
     SAFETENSORS_SUFFIXES,
@@ -359,12 +360,34 @@ def detect_path(path: os.PathLike | str, *, hint: ModelKind | None = None) -> De
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return detect(read_header(path))
+    if suffix in GGUF_SUFFIXES:
+        return detect_gguf(read_gguf_header(path))
     if suffix in PICKLE_KINDS:
         if not path.is_file():
             raise BrokenModelFile(path, "file does not exist")
         return Detection(kind=hint or PICKLE_KINDS[suffix], details={"pickle": True},
                          message="pickle file: not inspected (it could run code when loaded)")
     return Detection(kind=ModelKind.UNKNOWN, message=f"unsupported file type {suffix or '(none)'}")
+
+
+def detect_gguf(header: SafetensorsHeader) -> Detection:
+    """A GGUF file (``webui.models.gguf_header``): the same detectors over its names and logical shapes, plus
+    ``details["file_format"] = "gguf"`` and ``details["quantization"]`` ("Q4_K, Q8_0").  Only DiT transformers
+    load from GGUF; GGUF language models / text encoders are recognised and refused."""
+    refused = gguf_text_encoder(header)
+    if refused is not None:  # kind UNKNOWN: the catalog shows this message in whatever folder the file is
+        return Detection(kind=ModelKind.UNKNOWN, message=refused, details={
+            "file_format": "gguf", "unsupported": refused, "quantization": quantization_summary(header.tensors)})
+    found = detect(header)
+    details = {**found.details, "file_format": "gguf", "quantization": quantization_summary(header.tensors)}
+    if found.kind is ModelKind.UNKNOWN:
+        arch = header.metadata.get("general.architecture", "unknown")
+        return replace(found, message=f"GGUF model of architecture {arch!r} is not supported (GGUF loads Flux.1 "
+                                      f"and SD3/3.5 transformers). {found.message}")
+    if found.kind is not ModelKind.CHECKPOINT or found.arch not in (Arch.FLUX, Arch.SD3, Arch.QWEN_IMAGE):
+        details.setdefault("unsupported", f"GGUF {found.kind.value} files are not supported: only DiT "
+                                          "transformers (Flux.1, SD3/3.5) load from GGUF")
+    return replace(found, details=details)
 
 
 # diffusers pipeline class -> (arch if the class fixes it, variant if the class fixes it)

@@ -14,6 +14,8 @@ note.  ``prompt_notes(arch, prompt, negative, steps)`` gives those notes for the
 Per family (``FAMILY_TEXT``):
 * Flux (dev, schnell, Kontext): CLIP-L pooled + T5 sequence; no negative prompt (guidance is distilled into the
   model), so a negative prompt is ignored with a note.
+* Chroma (a Flux derivative, ``Arch.FLUX`` with its own pipeline, ``PIPELINE_TEXT``): T5 only, with the T5
+  attention mask (the pipeline masks all padding but the first token), real CFG with the negative prompt.
 * SD3 / 3.5: CLIP-L + CLIP-G + T5, real classifier-free guidance with the negative prompt.  A1111 "Clip skip" N
   maps to diffusers ``clip_skip = N - 1`` (1 = the model's default penultimate layer).
 * Qwen-Image: Qwen2.5-VL sequence + mask, true CFG with the negative prompt (" " when empty, as Qwen does).
@@ -52,9 +54,15 @@ FAMILY_TEXT: Mapping[Arch, FamilyText] = MappingProxyType({
     Arch.SD3: FamilyText("SD3", negative=True, max_sequence_length=256),
     Arch.QWEN_IMAGE: FamilyText("Qwen-Image", negative=True, max_sequence_length=1024),
 })
+CHROMA_TEXT = FamilyText("Chroma", negative=True, max_sequence_length=512)
+# families that share an Arch with others but have their own pipeline (diffusers class name)
+PIPELINE_TEXT: Mapping[str, FamilyText] = MappingProxyType({"ChromaPipeline": CHROMA_TEXT,
+                                                            "ChromaImg2ImgPipeline": CHROMA_TEXT})
 
 
-def _family(arch: Arch | str) -> FamilyText:
+def _family(arch: Arch | str, pipeline: str = "") -> FamilyText:
+    if pipeline in PIPELINE_TEXT:
+        return PIPELINE_TEXT[pipeline]
     try:
         return FAMILY_TEXT[Arch(arch)]
     except (KeyError, ValueError):
@@ -81,9 +89,9 @@ def clean_prompt(text: str, steps: int = 20, *, label: str = "this model") -> tu
     return " ".join(plain.split()), notes
 
 
-def prompt_notes(arch: Arch | str, prompt: str, negative: str = "", steps: int = 20) -> list[str]:
-    """Warnings for a job's prompts on a DiT family (shown with the result)."""
-    family = _family(arch)
+def prompt_notes(arch: Arch | str, prompt: str, negative: str = "", steps: int = 20, pipeline: str = "") -> list[str]:
+    """Warnings for a job's prompts on a DiT family (``pipeline``: the diffusers class, for Chroma)."""
+    family = _family(arch, pipeline)
     notes = list(clean_prompt(prompt, steps, label=family.label)[1])
     if negative.strip():
         if not family.negative:
@@ -105,7 +113,7 @@ class DitPromptEncoder:
     def __init__(self, pipe: Any, arch: Arch | str, *, text_only: bool | None = None):
         self.pipe = pipe
         self.arch = Arch(arch)
-        self.family = _family(self.arch)
+        self.family = _family(self.arch, type(pipe).__name__)
         if text_only is None:  # Qwen-Image-Edit: the prompt is encoded together with the reference images
             text_only = type(pipe).__name__.startswith("QwenImageEdit")
         self.text_only = text_only
@@ -114,7 +122,8 @@ class DitPromptEncoder:
     def from_pipeline(cls, pipe: Any, arch: Arch | str | None = None, **options: Any) -> "DitPromptEncoder":
         if arch is None:
             name = type(pipe).__name__
-            arch = Arch.FLUX if name.startswith("Flux") else Arch.QWEN_IMAGE if name.startswith("Qwen") else Arch.SD3
+            arch = (Arch.FLUX if name.startswith(("Flux", "Chroma")) else
+                    Arch.QWEN_IMAGE if name.startswith("Qwen") else Arch.SD3)
         return cls(pipe, arch, **options)
 
     def token_count(self, text: str) -> tuple[int, int]:
@@ -130,6 +139,8 @@ class DitPromptEncoder:
         if self.text_only:
             return {"prompt": prompt, "negative_prompt": negative or " "}
         with torch.no_grad():
+            if self.family is CHROMA_TEXT:
+                return self._chroma(prompt, negative)
             if self.arch is Arch.FLUX:
                 return self._flux(prompt)
             if self.arch is Arch.SD3:
@@ -152,6 +163,13 @@ class DitPromptEncoder:
                                                   num_images_per_prompt=1,
                                                   max_sequence_length=512 if distilled else 256)
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def _chroma(self, prompt: str, negative: str) -> dict[str, Any]:
+        embeds, _ids, mask, neg, _neg_ids, neg_mask = self.pipe.encode_prompt(
+            prompt=prompt, negative_prompt=negative, device=_device(self.pipe), num_images_per_prompt=1,
+            do_classifier_free_guidance=True, max_sequence_length=self.family.max_sequence_length)
+        return {"prompt_embeds": embeds, "prompt_attention_mask": mask, "negative_prompt_embeds": neg,
+                "negative_prompt_attention_mask": neg_mask}
 
     def _sd3(self, prompt: str, negative: str, clip_skip: int) -> dict[str, Any]:
         pipe = self.pipe

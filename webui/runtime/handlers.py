@@ -87,7 +87,8 @@ def _plan(ctx: "AppContext", model: Any, request: GenerationRequest, control: "J
     if model.arch in DIT_ARCHES:  # SD3 / Flux / Qwen-Image (webui.generation.dit)
         from webui.generation.dit import build_dit_plan
 
-        notes = prompt_notes(model.arch, request.prompt, request.negative_prompt, request.steps)
+        notes = prompt_notes(model.arch, request.prompt, request.negative_prompt, request.steps,
+                             pipeline=str(getattr(model.components, "pipeline_class", "")))
         if request.sampler == "Euler a":
             notes.append("sampler 'Euler a' is sampled with the flow-matching Euler sampler on this model")
         return build_dit_plan(model, request), notes

@@ -11,9 +11,10 @@ Modes (option ``memory_mode``), fastest first:
 * ``sequential_offload``: diffusers ``enable_sequential_cpu_offload``: layer by layer; slowest, least VRAM.
 * ``auto``: the fastest mode whose estimate fits in the free accelerator memory (minus headroom).
 
-Estimates are made from file sizes (weights at the run dtype; files are assumed fp16/bf16) plus an
-activation allowance; they are deliberately simple and documented in ``docs/memory.md``.  On a CPU-only
-machine only host RAM is checked.  Pure functions except ``apply_memory_mode`` / ``release`` (worker thread).
+Estimates are made from file sizes (weights at the run dtype; files are assumed fp16/bf16, GGUF files count
+at their size) plus an activation allowance; they are deliberately simple and documented in
+``docs/memory.md``.  On a CPU-only machine only host RAM is checked.  Pure functions except
+``apply_memory_mode`` / ``release`` (worker thread).
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ class MemoryEstimate:
 
 def estimate_from_files(label: str, sizes: Mapping[str, int], *, run_dtype_bytes: int,
                         file_dtype_bytes: int = 2) -> MemoryEstimate:
-    """``sizes``: bytes per file (checkpoint / transformer, text encoders, VAE) as stored on disk."""
+    """``sizes``: bytes per file (checkpoint / transformer, text encoders, VAE) as stored on disk.  A GGUF file
+    counts at its size: its quantized weights stay quantized in memory (norms and biases are a rounding error)."""
     scale = run_dtype_bytes / file_dtype_bytes
-    scaled = [int(size * scale) for size in sizes.values() if size > 0]
+    scaled = [size if str(name).lower().endswith(".gguf") else int(size * scale)
+              for name, size in sizes.items() if size > 0]
     return MemoryEstimate(weights=sum(scaled), largest=max(scaled, default=0), label=label)
 
 

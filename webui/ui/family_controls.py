@@ -1,7 +1,9 @@
 """Family-adaptive generation controls (txt2img / img2img tabs) for DiT checkpoints.
 
 When the models-bar checkpoint changes, ``wire`` adapts the tab to the model family (``profile_for``, pure):
-* Flux: no negative prompt (hidden), the CFG slider becomes "Distilled guidance" (3.5), schnell gets 4 steps;
+* Flux: no negative prompt (hidden), the CFG slider becomes "Distilled guidance" (3.5), schnell gets 4 steps,
+  Fill (inpaint) 30;
+* Chroma (a Flux derivative): negative prompt kept, real CFG (4.0);
 * SD3 / Qwen-Image: negative prompt kept, real / true CFG (4.5 / 4.0);
 * every DiT family: sampler "Euler", schedule "Simple" (the only ones they take) and a natural-language hint.
 Values are only set when switching *to* a DiT family; switching back to SD only restores labels/visibility.
@@ -29,13 +31,20 @@ class FamilyProfile:
     steps: int | None = None
 
 
-def profile_for(arch: Arch | str | None, variant: Variant | str | None = None, name: str = "") -> FamilyProfile:
+def profile_for(arch: Arch | str | None, variant: Variant | str | None = None, name: str = "",
+                family: str = "") -> FamilyProfile:
     try:
         arch = Arch(arch) if arch is not None else None
     except ValueError:
         arch = None
     edit = variant is not None and str(getattr(variant, "value", variant)) == Variant.EDIT.value
     hint = EDIT if edit else NATURAL
+    if arch is Arch.FLUX and family == "Chroma":
+        return FamilyProfile(cfg_label="CFG scale (Chroma: real CFG)", placeholder=hint, sampler="Euler",
+                             schedule="Simple", cfg=4.0)
+    if arch is Arch.FLUX and str(getattr(variant, "value", variant)) == Variant.INPAINT.value:
+        return FamilyProfile(negative_visible=False, cfg_label="Distilled guidance (Flux.1 Fill)", placeholder=hint,
+                             sampler="Euler", schedule="Simple", cfg=30.0)
     if arch is Arch.FLUX:
         schnell = "schnell" in name.lower()
         return FamilyProfile(negative_visible=False, cfg_label="Distilled guidance (Flux; schnell ignores it)",
@@ -81,7 +90,7 @@ def wire(ctx: Any, c: Mapping[str, Any], checkpoint: Any) -> None:
     def adapt(value: Any) -> list[Any]:
         record = _record(ctx, value or None)
         profile = profile_for(getattr(record, "arch", None), getattr(record, "variant", None),
-                              str(getattr(record, "name", "") or ""))
+                              str(getattr(record, "name", "") or ""), str(getattr(record, "family", "") or ""))
         return updates(gr, profile)
 
     checkpoint.change(adapt, inputs=[checkpoint], outputs=[c[n] for n in names], api_visibility="private",

@@ -31,6 +31,9 @@ PART_LABELS = {"clip_l": ("CLIP-L", "clip_l.safetensors"), "clip_g": ("CLIP-G", 
 SLOTS = {Arch.FLUX: (("clip_l", "text_encoder", "clip_l"), ("t5xxl", "text_encoder_2", "t5xxl")),
          Arch.SD3: (("clip_l", "text_encoder", "clip_l_proj"), ("clip_g", "text_encoder_2", "clip_g"),
                     ("t5xxl", "text_encoder_3", "t5xxl"))}
+# Flux derivatives with their own slots / pipeline, by detection ``config_key`` (Chroma: T5-XXL only)
+FAMILY_SLOTS = {"chroma": (("t5xxl", "text_encoder", "t5xxl"),)}
+FAMILY_PIPELINES = {"chroma": "ChromaPipeline"}
 T5_TOKENIZER_FOLDER = "t5_tokenizer"
 
 
@@ -99,7 +102,8 @@ def find_t5_tokenizer(where: Where, checkpoints: Sequence[Any], *, family: str, 
             return root / T5_TOKENIZER_FOLDER
     for record in checkpoints:  # a Flux / SD3 diffusers folder carries one
         if record.format == "diffusers" and record.arch in (Arch.FLUX, Arch.SD3):
-            folder = record.path / ("tokenizer_2" if record.arch is Arch.FLUX else "tokenizer_3")
+            folder = record.path / ("tokenizer" if record.family == "Chroma" else
+                                    "tokenizer_2" if record.arch is Arch.FLUX else "tokenizer_3")
             if is_tokenizer_folder(folder):
                 return folder
     target = (where.text_encoder_roots or (Path("models/text_encoders"),))[0] / T5_TOKENIZER_FOLDER
@@ -121,7 +125,8 @@ def find_vae(vae_record: Any | None, records: Sequence[Any], *, family: str, mod
         return vae_record
     found = sorted((r for r in records if r.usable and channels(r) == 16), key=lambda r: r.name)
     if not found:
-        example = "ae.safetensors" if family.startswith("Flux") else "the SD3 VAE (diffusion_pytorch_model.safetensors)"
+        example = ("ae.safetensors" if family.startswith(("Flux", "Chroma"))
+                   else "the SD3 VAE (diffusion_pytorch_model.safetensors)")
         folders = " or ".join(str(r) for r in where.vae_roots[:1]) or "models/VAE"
         raise DitLoadError(model, f"{family} has no VAE inside: put its 16-channel VAE ({example}) in {folders}")
     return found[0]
@@ -137,14 +142,28 @@ def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: An
         components = _cached(cache, _file_key("dit-folder", record), lambda: load_dit_folder(
             record.path, dtype=dtype, allow_pickle=allow_pickle, family=family), hits)
         vae = None
-        if vae_record is not None:
+        if vae_record is not None and record.arch is Arch.QWEN_IMAGE:  # the Wan-layout VAE: webui.models.dit.qwen_parts
+            from webui.models.dit import qwen_parts, qwen_vae
+
+            chosen = qwen_parts.find_vae(vae_record, (), family=family, model=record.path, roots=())
+            vae = _cached(cache, (*_file_key("dit-vae", chosen), "qwen_image"),
+                          lambda: qwen_vae.load_vae(chosen.path, dtype=dtype), hits)
+        elif vae_record is not None:
             where = Where(catalog.roots(ModelKind.TEXT_ENCODER.value), catalog.roots(ModelKind.VAE.value))
             chosen = find_vae(vae_record, (), family=family, model=record.path, where=where)
             vae = _cached(cache, (*_file_key("dit-vae", chosen), record.arch.value),
                           lambda: load_vae_file(chosen.path, record.arch.value, dtype=dtype), hits)
         return components, vae, all(hits)
+    if record.arch is Arch.QWEN_IMAGE:  # ComfyUI split layout: webui.models.dit.qwen_parts
+        from webui.models.dit import qwen_parts
+
+        components = qwen_parts.load_split(record, catalog=catalog, cache=cache, vae_record=vae_record, dtype=dtype,
+                                           hits=hits)
+        return components, None, all(hits)
     details = record.detection.details if record.detection is not None else {}
-    if record.arch not in SLOTS:
+    config_key = str(details.get("config_key", record.arch.value))
+    slots = FAMILY_SLOTS.get(config_key) or SLOTS.get(record.arch)
+    if slots is None:
         raise DitLoadError(record.path, f"single {family} transformer files cannot be loaded yet: use the "
                                         f"{family} diffusers folder in models/Stable-diffusion")
     where = Where(catalog.roots(ModelKind.TEXT_ENCODER.value), catalog.roots(ModelKind.VAE.value))
@@ -153,7 +172,7 @@ def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: An
     modules: dict[str, Any] = {}
     parts: dict[str, str] = {"transformer": str(record.path)}
     plan = []
-    for part, component, role in SLOTS[record.arch]:
+    for part, component, role in slots:
         if part in included:
             continue
         optional = record.arch is Arch.SD3 and part == "t5xxl"
@@ -190,20 +209,22 @@ def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: An
                                  lambda: load_vae_file(vae_choice.path, record.arch.value, dtype=dtype), hits)
         parts["vae"] = str(vae_choice.path)
     fields: dict[str, Any] = {}
-    for part, component, _role in SLOTS[record.arch]:
+    for part, component, _role in slots:
         fields[component] = modules.get(part)
     fields["tokenizer"] = clip_tokenizer()
-    if record.arch is Arch.FLUX:
+    if config_key in FAMILY_SLOTS:  # Chroma: the T5 in the first slot
+        fields["tokenizer"] = t5_tokenizer(t5_folder) if t5_folder else None
+    elif record.arch is Arch.FLUX:
         fields["tokenizer_2"] = t5_tokenizer(t5_folder) if t5_folder else None
     else:
         fields["tokenizer_2"] = clip_tokenizer("!")
         fields["tokenizer_3"] = t5_tokenizer(t5_folder) if t5_folder and fields.get("text_encoder_3") else None
     if t5_folder:
         parts["t5_tokenizer"] = str(t5_folder)
-    config_key = str(details.get("config_key", record.arch.value))
+    pipeline_class = FAMILY_PIPELINES.get(config_key) or PIPELINE_FOR[(record.arch, record.variant)]
     components = DitComponents(
         transformer=modules["transformer"], vae=modules.get("vae"), **fields,
-        scheduler_config=dict(configs.SCHEDULERS[config_key]), pipeline_class=PIPELINE_FOR[(record.arch, record.variant)],
+        scheduler_config=dict(configs.SCHEDULERS[config_key]), pipeline_class=pipeline_class,
         arch=record.arch, variant=record.variant, config_key=config_key, source=record.path, family=family,
         parts=parts,
     )

@@ -20,6 +20,8 @@ SCHEDULERS = MappingProxyType({
                  "base_image_seq_len": 256, "max_image_seq_len": 4096},
     "flux-schnell": {**_FLOW, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5, "max_shift": 1.15,
                      "base_image_seq_len": 256, "max_image_seq_len": 4096},
+    "chroma": {**_FLOW, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+               "base_image_seq_len": 256, "max_image_seq_len": 4096},  # Chroma1-HD: Flux dev's dynamic shift
     "sd3": {**_FLOW, "shift": 3.0},
 })
 # 16-channel AutoencoderKL (Flux ae.safetensors, SD3 VAE): identical shapes, different latent statistics.
@@ -72,6 +74,27 @@ def flux_config(shapes: Shapes) -> dict[str, Any]:
         "guidance_embeds": "guidance_in.in_layer.weight" in shapes, "axes_dims_rope": list(flux_rope_axes(head_dim)),
     }
 
+
+
+def chroma_config(shapes: Shapes) -> dict[str, Any]:
+    """ChromaTransformer2DModel config from BFL-layout shapes (Flux blocks + ``distilled_guidance_layer.*``)."""
+    what = "Chroma transformer"
+    inner, in_channels = _shape(shapes, "img_in.weight", what)
+    head_dim = _shape(shapes, "double_blocks.0.img_attn.norm.query_norm.scale", what)[0]
+    hidden, approximator_in = _shape(shapes, "distilled_guidance_layer.in_proj.weight", what)
+    if inner % head_dim or _shape(shapes, "distilled_guidance_layer.out_proj.weight", what)[0] != inner:
+        raise ConversionError(f"{what}: width {inner}, head width {head_dim} and the guidance approximator's output "
+                              "do not fit Chroma")
+    return {
+        "_class_name": "ChromaTransformer2DModel", "patch_size": 1, "in_channels": in_channels,
+        "out_channels": _shape(shapes, "final_layer.linear.weight", what)[0],
+        "num_layers": count_blocks(shapes, "double_blocks"), "num_single_layers": count_blocks(shapes, "single_blocks"),
+        "attention_head_dim": head_dim, "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": _shape(shapes, "txt_in.weight", what)[1],
+        "axes_dims_rope": list(flux_rope_axes(head_dim)),
+        "approximator_num_channels": approximator_in, "approximator_hidden_dim": hidden,
+        "approximator_layers": count_blocks(shapes, "distilled_guidance_layer.layers"),
+    }
 
 # ---------------------------------------------------------------------------------------------- SD3
 def sd3_config(shapes: Shapes) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """Original single-file DiT layouts <-> diffusers transformer keys, from one declarative table per family.
 
-* Flux.1 (BFL layout, also Kontext / schnell): ``double_blocks.N.*``, ``single_blocks.N.*``, ``img_in``, ...
+* Flux.1 (BFL layout, also Kontext / schnell / Fill): ``double_blocks.N.*``, ``single_blocks.N.*``, ``img_in``, ...
+* Chroma (BFL layout, Flux without modulation weights): the Flux table plus ``distilled_guidance_layer.*``
 * SD3 / SD3.5 (MMDiT, Stability layout): ``joint_blocks.N.{x_block,context_block}.*``, ``x_embedder``, ...
 
 Each ``Rule`` maps one original module to one or more diffusers modules: ``copy`` (a rename), ``split`` (a
@@ -83,6 +84,36 @@ def flux_rules(num_double: int, num_single: int) -> list[Rule]:
     return rules
 
 
+# ---------------------------------------------------------------------------------------------- Chroma
+# Chroma (lodestones) is Flux.1 without the per-block modulation, time / vector / guidance inputs and final adaLN:
+# one "distilled guidance" approximator computes every modulation vector.  Its table is the Flux one minus those
+# modules, plus the approximator.
+CHROMA_DROPPED = ("time_in.", "vector_in.", "guidance_in.", "final_layer.adaLN_modulation", ".img_mod.",
+                  ".txt_mod.", ".modulation.")
+
+
+def chroma_rules(num_double: int, num_single: int, num_approximator: int) -> list[Rule]:
+    g = "distilled_guidance_layer."
+    rules = [Rule(g + "in_proj", (g + "in_proj",)), Rule(g + "out_proj", (g + "out_proj",))]
+    for i in range(num_approximator):
+        rules += [Rule(f"{g}layers.{i}.in_layer", (f"{g}layers.{i}.linear_1",)),
+                  Rule(f"{g}layers.{i}.out_layer", (f"{g}layers.{i}.linear_2",)),
+                  Rule(f"{g}norms.{i}", (f"{g}norms.{i}",), params=NORM_PARAMS)]
+    return rules + [r for r in flux_rules(num_double, num_single)
+                    if not any(part in r.src + "." for part in CHROMA_DROPPED)]
+
+
+def chroma_to_diffusers(state: StateDict) -> StateDict:
+    return to_diffusers(state, chroma_rules(count_blocks(state, "double_blocks"), count_blocks(state, "single_blocks"),
+                                            count_blocks(state, "distilled_guidance_layer.layers")))
+
+
+def chroma_from_diffusers(state: StateDict) -> StateDict:
+    rules = chroma_rules(count_blocks(state, "transformer_blocks"), count_blocks(state, "single_transformer_blocks"),
+                         count_blocks(state, "distilled_guidance_layer.layers"))
+    return from_diffusers(state, rules)
+
+
 # ---------------------------------------------------------------------------------------------- SD3
 def sd3_rules(num_layers: int) -> list[Rule]:
     rules = [
@@ -146,7 +177,8 @@ def to_diffusers(state: StateDict, rules: list[Rule]) -> StateDict:
     used: set[str] = set()
     for rule in rules:
         weight = state.get(rule.src + ".weight")
-        width = int(weight.shape[1]) if rule.op == "split_mlp" and weight is not None and weight.ndim == 2 else None
+        shape = tuple(getattr(weight, "quant_shape", getattr(weight, "shape", ())))  # GGUF: logical shape
+        width = int(shape[1]) if rule.op == "split_mlp" and len(shape) == 2 else None
         for src_suffix, dst_suffix in rule.params:
             key = f"{rule.src}.{src_suffix}"
             if key not in state:

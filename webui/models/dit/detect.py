@@ -2,7 +2,8 @@
 
 ``probe_header(header)`` -> ``DitProbe | None``: a transformer (Flux.1 in BFL or diffusers layout, SD3/3.5 in
 Stability or diffusers layout, possibly with its text encoders / VAE inside, Qwen-Image), a split text encoder
-(CLIP-L / CLIP-G / T5 / Qwen2.5-VL, HF transformers key names as ComfyUI users have them) or a 16-channel VAE.
+(CLIP-L / CLIP-G / T5 / Qwen2.5-VL, HF transformers key names as ComfyUI users have them) or a 16-channel VAE
+(the Qwen-Image facts, Wan-layout VAE included, live in ``qwen_parts``).
 ``webui.models.detect._probe_dit`` turns it into a ``Match``.  ``DIT_PIPELINES`` tells diffusers folders apart
 by their ``model_index.json`` pipeline class.
 """
@@ -26,6 +27,7 @@ EMBEDDED_TEXT_ENCODERS = MappingProxyType({
 NEEDED_PARTS = MappingProxyType({Arch.FLUX: ("clip_l", "t5xxl", "vae"), Arch.SD3: ("clip_l", "clip_g", "vae"),
                                  Arch.QWEN_IMAGE: ("qwen2.5-vl", "vae")})
 OPTIONAL_PARTS = MappingProxyType({Arch.SD3: ("t5xxl",)})
+CHROMA_PARTS = ("t5xxl", "vae")  # Chroma (a Flux derivative, Arch.FLUX): T5-XXL only, no CLIP
 FLUX_VARIANTS = MappingProxyType({64: Variant.NORMAL, 384: Variant.INPAINT})  # 384: Flux.1 Fill
 
 # diffusers pipeline class -> (arch, variant, family label)
@@ -34,6 +36,8 @@ DIT_PIPELINES = MappingProxyType({
     "FluxImg2ImgPipeline": (Arch.FLUX, Variant.NORMAL, "Flux.1"),
     "FluxKontextPipeline": (Arch.FLUX, Variant.EDIT, "Flux.1 Kontext"),
     "FluxFillPipeline": (Arch.FLUX, Variant.INPAINT, "Flux.1 Fill"),
+    "ChromaPipeline": (Arch.FLUX, Variant.NORMAL, "Chroma"),
+    "ChromaImg2ImgPipeline": (Arch.FLUX, Variant.NORMAL, "Chroma"),
     "StableDiffusion3Pipeline": (Arch.SD3, Variant.NORMAL, "SD3"),
     "StableDiffusion3Img2ImgPipeline": (Arch.SD3, Variant.NORMAL, "SD3"),
     "QwenImagePipeline": (Arch.QWEN_IMAGE, Variant.NORMAL, "Qwen-Image"),
@@ -66,19 +70,33 @@ def _is_adapter(h: SafetensorsHeader) -> bool:
                for k in h.tensors)
 
 
-def _parts(h: SafetensorsHeader, arch: Arch) -> dict[str, Any]:
+def _parts(h: SafetensorsHeader, arch: Arch, needed: tuple[str, ...] = ()) -> dict[str, Any]:
     included = [part for part, prefix in EMBEDDED_TEXT_ENCODERS.items() if h.has_prefix(prefix)]
     if any(h.has_prefix(p + "decoder.") for p in VAE_PREFIXES[1:]):
         included.append("vae")
-    needs = [p for p in NEEDED_PARTS[arch] if p not in included]
+    needs = [p for p in needed or NEEDED_PARTS[arch] if p not in included]
     optional = [p for p in OPTIONAL_PARTS.get(arch, ()) if p not in included]
     return {"included": included, "needs": needs, "optional": optional}
 
 
+def _chroma(h: SafetensorsHeader, prefix: str, fmt: str) -> DitProbe:
+    """Chroma: Flux blocks without modulation weights + ``distilled_guidance_layer.*`` (BFL or diffusers layout)."""
+    shape = _shape(h, prefix + ("img_in.weight" if fmt == "bfl" else "x_embedder.weight"))
+    if shape is None or len(shape) != 2:
+        from webui.models.detect import BrokenModel  # lazy: that module imports this one
+
+        raise BrokenModel(f"Chroma transformer has no {prefix}img_in / x_embedder weight: incomplete file")
+    details: dict[str, Any] = {"format": fmt, "prefix": prefix, "width": shape[0], "in_channels": shape[1],
+                               "config_key": "chroma", **_parts(h, Arch.FLUX, CHROMA_PARTS)}
+    if shape[1] != 64:
+        details["unsupported"] = (f"Chroma transformer with {shape[1]} input channels (not the 16-channel latent "
+                                  "model, e.g. Chroma Radiance) is not supported")
+    return DitProbe(ModelKind.CHECKPOINT, Arch.FLUX, Variant.NORMAL, "Chroma", details)
+
+
 def _flux(h: SafetensorsHeader, prefix: str) -> DitProbe:
     if h.has_prefix(prefix + "distilled_guidance_layer."):
-        return DitProbe(ModelKind.CHECKPOINT, family="Chroma", details={
-            "format": "bfl", "unsupported": "Chroma models are not supported yet (only Flux.1, SD3/3.5, Qwen-Image)"})
+        return _chroma(h, prefix, "bfl")
     img_in = _shape(h, prefix + "img_in.weight")
     if img_in is None or len(img_in) != 2:
         from webui.models.detect import BrokenModel  # lazy: that module imports this one
@@ -108,10 +126,10 @@ def _sd3(h: SafetensorsHeader, prefix: str, fmt: str) -> DitProbe:
 
 
 def _qwen(h: SafetensorsHeader, prefix: str) -> DitProbe:
-    details = {"format": "diffusers", "prefix": prefix, **_parts(h, Arch.QWEN_IMAGE),
-               "unsupported": "a single Qwen-Image transformer file cannot be loaded yet: use the Qwen-Image "
-                              "(or Qwen-Image-Edit) diffusers folder in models/Stable-diffusion"}
-    return DitProbe(ModelKind.CHECKPOINT, Arch.QWEN_IMAGE, Variant.NORMAL, "Qwen-Image", details)
+    from webui.models.dit import qwen_parts  # lazy: it imports the DiT loaders
+
+    variant, family, details = qwen_parts.transformer_facts(h, prefix)
+    return DitProbe(ModelKind.CHECKPOINT, Arch.QWEN_IMAGE, variant, family, {**details, **_parts(h, Arch.QWEN_IMAGE)})
 
 
 def _transformer(h: SafetensorsHeader) -> DitProbe | None:
@@ -131,6 +149,8 @@ def _transformer(h: SafetensorsHeader) -> DitProbe | None:
 
 
 def _flux_from_diffusers_layout(h: SafetensorsHeader, prefix: str) -> DitProbe:
+    if h.has_prefix(prefix + "distilled_guidance_layer."):
+        return _chroma(h, prefix, "diffusers")
     x = _shape(h, prefix + "x_embedder.weight") or (0, 0)
     guidance = h.has_prefix(prefix + "time_text_embed.guidance_embedder.")
     details = {"format": "diffusers", "prefix": prefix, "width": x[0], "in_channels": x[1], "guidance": guidance,
@@ -155,10 +175,11 @@ def text_encoder_facts(h: SafetensorsHeader) -> dict[str, Any] | None:
             "shared.weight" in h.tensors or "encoder.embed_tokens.weight" in h.tensors):
         width = (_shape(h, "shared.weight") or _shape(h, "encoder.embed_tokens.weight"))[1]
         return {"encoder": "t5xxl" if width == 4096 else "t5", "width": width, "format": "transformers"}
-    for prefix in ("model.layers.", "model.language_model.layers.", "language_model.model.layers."):
-        if h.has_prefix(prefix + "0.self_attn.q_proj.") and (h.has_prefix("visual.") or h.has_prefix("model.visual.")):
-            return {"encoder": "qwen2.5-vl", "format": "transformers", "unsupported": (
-                "a separate Qwen2.5-VL text encoder cannot be used yet: use the Qwen-Image diffusers folder")}
+    from webui.models.dit import qwen_parts  # lazy: it imports the DiT loaders
+
+    qwen = qwen_parts.text_encoder_facts(h)
+    if qwen is not None:
+        return qwen
     return None
 
 
@@ -186,6 +207,11 @@ def probe_header(h: SafetensorsHeader) -> DitProbe | None:
     vae = vae16_facts(h)
     if vae is not None:
         return DitProbe(ModelKind.VAE, family="SD3/Flux", details=vae)
+    from webui.models.dit import qwen_parts  # lazy: it imports the DiT loaders
+
+    qwen_vae = qwen_parts.vae_facts(h)
+    if qwen_vae is not None:
+        return DitProbe(ModelKind.VAE, Arch.QWEN_IMAGE, family="Qwen-Image", details=qwen_vae)
     return None
 
 
@@ -211,7 +237,7 @@ def folder_facts(folder, index: dict[str, Any]) -> DitProbe:
         raise ValueError(f"transformer/config.json cannot be read ({exc}): incomplete copy") from None
     details: dict[str, Any] = {"format": "diffusers", "pipeline": name, "components": components,
                                "included": components, "needs": [], "warnings": []}
-    if arch is Arch.FLUX and variant is Variant.NORMAL:
+    if name.startswith("Flux") and variant is Variant.NORMAL:
         guidance = bool(config.get("guidance_embeds", True))
         family = "Flux.1 dev" if guidance else "Flux.1 schnell"
     return DitProbe(ModelKind.CHECKPOINT, arch, variant, family, details)

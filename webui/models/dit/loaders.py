@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Mapping
 
 import torch
@@ -21,6 +22,7 @@ from webui import configs as sd_configs
 from webui.models.dit import configs, convert
 from webui.models.dit.components import DitComponents, DitLoadError
 from webui.models.dit.detect import DIT_PIPELINES, EMBEDDED_TEXT_ENCODERS, VAE_PREFIXES
+from webui.models.gguf_header import GGUF_SUFFIXES
 from webui.types import Arch, Variant
 
 StateDict = dict[str, torch.Tensor]
@@ -56,24 +58,41 @@ def _take(state: StateDict, prefix: str) -> StateDict:
 
 
 # ---------------------------------------------------------------------------------------------- transformer
-def _transformer(sd: StateDict, arch: Arch, fmt: str, path: Path) -> torch.nn.Module:
+def _shapes(state: StateDict) -> dict[str, tuple[int, ...]]:
+    """Logical shapes: a GGUF-quantized tensor's ``quant_shape``, not the shape of its bytes."""
+    return {k: tuple(getattr(v, "quant_shape", v.shape)) for k, v in state.items()}
+
+
+# family -> (single-file layout -> diffusers keys, its inverse, config from single-file-layout shapes);
+# the family is the detection's config_key where it has its own table (Chroma), else the Arch
+TRANSFORMER_TABLES: Mapping[Any, tuple[Any, Any, Any]] = MappingProxyType({
+    "chroma": (convert.chroma_to_diffusers, convert.chroma_from_diffusers, configs.chroma_config),
+    Arch.FLUX: (convert.flux_to_diffusers, convert.flux_from_diffusers, configs.flux_config),
+    Arch.SD3: (convert.sd3_to_diffusers, convert.sd3_from_diffusers, configs.sd3_config),
+})
+
+
+def _transformer(sd: StateDict, arch: Arch, fmt: str, path: Path, config_key: str = "",
+                 dtype: torch.dtype | None = None) -> torch.nn.Module:
     import diffusers
 
+    table = TRANSFORMER_TABLES.get(config_key) or TRANSFORMER_TABLES.get(arch)
+    if table is None:
+        raise DitLoadError(path, f"single {arch.value} transformer files cannot be loaded yet: use its "
+                                 "diffusers folder in models/Stable-diffusion")
+    to_diffusers, from_diffusers, make_config = table
     try:
-        if arch is Arch.FLUX:
-            original = convert.flux_from_diffusers(sd) if fmt == "diffusers" else sd
-            weights = sd if fmt == "diffusers" else convert.flux_to_diffusers(sd)
-            config = configs.flux_config({k: v.shape for k, v in original.items()})
-        elif arch is Arch.SD3:
-            original = convert.sd3_from_diffusers(sd) if fmt == "diffusers" else sd
-            weights = sd if fmt == "diffusers" else convert.sd3_to_diffusers(sd)
-            config = configs.sd3_config({k: v.shape for k, v in original.items()})
-        else:
-            raise DitLoadError(path, f"single {arch.value} transformer files cannot be loaded yet: use its "
-                                     "diffusers folder in models/Stable-diffusion")
+        original = from_diffusers(sd) if fmt == "diffusers" else sd
+        weights = sd if fmt == "diffusers" else to_diffusers(sd)
+        config = make_config(_shapes(original))
     except convert.ConversionError as exc:
         raise DitLoadError(path, f"{exc}: the file is incomplete or not a {arch.value} transformer") from None
     cls = getattr(diffusers, config.pop("_class_name"))
+    if path.suffix.lower() in GGUF_SUFFIXES:  # quantized layers stay quantized
+        from webui.models.dit.gguf_loader import build_quantized
+
+        return build_quantized(cls, config, weights, dtype=dtype or torch.float32, path=path,
+                               component=f"{arch.value} transformer")
     return _strict(lambda: cls.from_config(config), weights, f"{arch.value} transformer", path)
 
 
@@ -82,7 +101,12 @@ def load_transformer_file(path: str | Path, *, arch: Arch, details: Mapping[str,
     """``{"transformer": ..., <part>: ...}`` for the parts of ``want`` (clip_l, clip_g, t5xxl, vae) the file
     carries (SD3 single files); ``details`` is the detection's (``format``, ``prefix``)."""
     path = Path(path)
-    state = _read(path, dtype)
+    if path.suffix.lower() in GGUF_SUFFIXES:  # city96/ComfyUI-GGUF transformer (webui.models.dit.gguf_loader)
+        from webui.models.dit.gguf_loader import read_gguf_state
+
+        state = read_gguf_state(path)
+    else:
+        state = _read(path, dtype)
     out: dict[str, torch.nn.Module] = {}
     for part in want:
         if part == "vae":
@@ -98,7 +122,8 @@ def load_transformer_file(path: str | Path, *, arch: Arch, details: Mapping[str,
     sd = _take(state, prefix) if prefix else state
     for leftover in ("text_encoders.", "first_stage_model.", "vae."):  # parts not asked for
         _take(sd, leftover)
-    out["transformer"] = _transformer(sd, arch, str(details.get("format", "")), path)
+    out["transformer"] = _transformer(sd, arch, str(details.get("format", "")), path,
+                                      str(details.get("config_key", "")), dtype)
     return out
 
 
@@ -265,8 +290,8 @@ def load_dit_folder(path: str | Path, *, dtype: torch.dtype = torch.float32, all
 
 def _base_pipeline(name: str) -> str:
     """The txt2img (or edit) class of a folder saved from an img2img view."""
-    return {"FluxImg2ImgPipeline": "FluxPipeline", "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline"}.get(
-        name, name)
+    return {"FluxImg2ImgPipeline": "FluxPipeline", "StableDiffusion3Img2ImgPipeline": "StableDiffusion3Pipeline",
+            "ChromaImg2ImgPipeline": "ChromaPipeline"}.get(name, name)
 
 
 PIPELINE_FOR = {(Arch.FLUX, Variant.NORMAL): "FluxPipeline", (Arch.FLUX, Variant.EDIT): "FluxKontextPipeline",

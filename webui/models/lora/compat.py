@@ -18,6 +18,7 @@ from torch import nn
 from webui.models.lora.formats import LoraError
 from webui.models.lora.keymap import KeyMap, Target
 from webui.models.lora.loading import LoadedLora
+from webui.models.lora.quantized import logical_shape
 from webui.types import Arch
 
 __all__ = [
@@ -108,9 +109,9 @@ def check_lora(lora: LoadedLora, keymap: KeyMap, arch: Arch) -> MatchReport:
         if target is None:
             unmatched.append(name)
             continue
-        weight = keymap.module(target).weight
-        if not patch.fits(weight.shape):
-            wrong_shape.append(f"{name} (LoRA needs {list(patch.flat_shape())}, model has {list(weight.shape)})")
+        shape = logical_shape(keymap.module(target).weight)  # GGUF: the values' shape, not the bytes'
+        if not patch.fits(shape):
+            wrong_shape.append(f"{name} (LoRA needs {list(patch.flat_shape())}, model has {list(shape)})")
             continue
         matched[name] = target
     if wrong_shape:

@@ -11,6 +11,9 @@ file), so writing into it in place could corrupt data we do not own.  The ``nn.P
 stays the same, so modules and hooks keep their references (and a pipeline made with ``from_pipe``, which
 shares the modules, sees the same patched weights).
 
+GGUF-quantized layers cannot be merged into: while patched they hold a dense merged weight and get their
+quantized parameter object back on restore (``webui.models.lora.quantized``).
+
 Restoring assigns the saved pristine copy back (moved to the parameter's device) and forgets it; it never
 subtracts deltas, so restore is exact no matter how many swaps came before (``torch.equal`` holds).
 Backups exist only for currently patched parameters, which bounds the extra memory to those.
@@ -35,6 +38,7 @@ from typing import Iterator, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from webui.models.lora import quantized
 from webui.models.lora.blocks import block_multiplier, resolve_block_weights
 from webui.models.lora.compat import MatchReport, check_lora, model_arch
 from webui.models.lora.formats import LoraPatch
@@ -210,6 +214,12 @@ class LoraPatcher:
 
     def _write(self, key: ParamKey, contribs: Sequence[Contribution]) -> None:
         param = self._param(key)
+        if quantized.is_quantized(self._pristine.get(key, param)):  # a GGUF layer: dense while patched
+            self._pristine.setdefault(key, param)  # never written to: the object itself is the backup
+            quantized.merge(self._keymap.layers(key[0])[key[1]], key[2], self._pristine[key],
+                            lambda orig: _sum_deltas(orig, contribs, key[2]))
+            self._applied[key] = _signature(contribs)
+            return
         if key not in self._pristine:
             # A real copy on the CPU: never a view of the live tensor.
             self._pristine[key] = param.detach().to("cpu", copy=True)
@@ -223,7 +233,10 @@ class LoraPatcher:
         param = self._param(key)
         pristine = self._pristine.get(key)
         if pristine is not None:
-            param.data = pristine.to(param.device)  # on the CPU this hands over our private copy itself
+            if quantized.is_quantized(pristine):  # the GGUF parameter object goes back into its layer
+                quantized.restore(self._keymap.layers(key[0])[key[1]], key[2], pristine)
+            else:
+                param.data = pristine.to(param.device)  # on the CPU this hands over our private copy itself
             del self._pristine[key]  # only once the parameter holds it again
         self._applied.pop(key, None)
 
