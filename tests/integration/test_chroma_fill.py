@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.fixtures.chroma_fill_factory import ChromaFillModels
+from tests.fixtures.jobs import done, pixels
 from webui.context import AppContext
 from webui.image_requests import Img2ImgRequest
 from webui.io.metadata import parse_infotext
@@ -33,15 +34,6 @@ def ctx(fixture_cache, tmp_path_factory):
     context = AppContext.create(models.settings())
     yield context
     context.close()
-
-
-def done(job):
-    assert job.state is JobState.DONE, job.error
-    return job.result
-
-
-def pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def test_chroma_single_file_txt2img_uses_the_negative_prompt(ctx):

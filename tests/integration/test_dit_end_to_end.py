@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from tests.fixtures.dit_factory import DitModels
 from tests.fixtures.lora_factory import make_dit_lora
+from tests.fixtures.jobs import done, pixels
 from webui.context import AppContext
 from webui.image_requests import Img2ImgRequest
 from webui.io.metadata import parse_infotext
@@ -25,15 +26,6 @@ def ctx(fixture_cache, tmp_path_factory):
     context = AppContext.create(dit.settings())
     yield context
     context.close()
-
-
-def done(job):
-    assert job.state is JobState.DONE, job.error
-    return job.result
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(result.images[0].image, dtype=np.int16)
 
 
 def test_flux_txt2img_is_deterministic_and_writes_infotext(ctx):

@@ -13,6 +13,7 @@ from tests.fixtures import dit_factory, gguf_factory
 from tests.fixtures.dit_factory import DitModels
 from tests.fixtures.gguf_factory import GgufModels
 from tests.fixtures.lora_factory import make_dit_lora
+from tests.fixtures.jobs import done, pixels
 from webui.context import AppContext
 from webui.io.metadata import parse_infotext
 from webui.models.cache import module_bytes
@@ -138,15 +139,6 @@ def ctx(fixture_cache, tmp_path_factory):
     context = AppContext.create(dit.settings())
     yield context
     context.close()
-
-
-def done(job):
-    assert job.state is JobState.DONE, job.error
-    return job.result
-
-
-def pixels(result) -> np.ndarray:
-    return np.asarray(result.images[0].image, dtype=np.int16)
 
 
 def test_catalog_lists_gguf_files_with_their_quantization(ctx):

@@ -11,12 +11,13 @@ import torch
 from PIL import Image
 
 from tests.fixtures.qwen_split_factory import QwenSplitModels
+from tests.fixtures.jobs import pixels
 from webui.context import AppContext
 from webui.image_requests import Img2ImgRequest
 from webui.models.cache import ComponentCache
 from webui.models.catalog import Catalog
 from webui.models.manager import ModelManager, ModelUnavailable
-from webui.types import Arch, GenerationRequest, JobState, Variant
+from webui.types import Arch, GenerationRequest, Variant
 
 SMALL = dict(width=64, height=64, steps=2, prompt="a red boat on a lake", sampler="Euler", schedule="Simple", seed=3)
 ATOL = 1e-5  # fp32 on both sides, identical weights and configs: differences are float noise at most
@@ -103,15 +104,10 @@ def ctx(fixture_cache, tmp_path_factory):
     context.close()
 
 
-def _pixels(job) -> np.ndarray:
-    assert job.state is JobState.DONE, job.error
-    return np.asarray(job.result.images[0].image, dtype=np.int16)
-
-
 def test_txt2img_from_split_files_matches_the_diffusers_folder(ctx):
-    split = _pixels(ctx.run(GenerationRequest(**SMALL, checkpoint="qwen_image_tiny", negative_prompt="blurry"),
+    split = pixels(ctx.run(GenerationRequest(**SMALL, checkpoint="qwen_image_tiny", negative_prompt="blurry"),
                             timeout=300))
-    folder = _pixels(ctx.run(GenerationRequest(**SMALL, checkpoint="tiny-qwen-image-ref", negative_prompt="blurry"),
+    folder = pixels(ctx.run(GenerationRequest(**SMALL, checkpoint="tiny-qwen-image-ref", negative_prompt="blurry"),
                              timeout=300))
     assert split.shape == (64, 64, 3) and np.abs(split - folder).max() <= 1  # 8-bit rounding at most
 
@@ -119,7 +115,7 @@ def test_txt2img_from_split_files_matches_the_diffusers_folder(ctx):
 def test_edit_from_split_files_matches_the_diffusers_folder(ctx):
     runs = [ctx.run(Img2ImgRequest(**SMALL, checkpoint=name, init_images=[REFERENCE]), timeout=300)
             for name in ("qwen_image_edit_tiny", "tiny-qwen-image-edit-ref")]
-    split, folder = (_pixels(job) for job in runs)
+    split, folder = (pixels(job) for job in runs)
     assert runs[0].result.info["mode"] == "img2img"
     assert np.abs(split - folder).max() <= 1
 

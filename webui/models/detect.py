@@ -382,11 +382,11 @@ def detect_gguf(header: SafetensorsHeader) -> Detection:
     details = {**found.details, "file_format": "gguf", "quantization": quantization_summary(header.tensors)}
     if found.kind is ModelKind.UNKNOWN:
         arch = header.metadata.get("general.architecture", "unknown")
-        return replace(found, message=f"GGUF model of architecture {arch!r} is not supported (GGUF loads Flux.1 "
-                                      f"and SD3/3.5 transformers). {found.message}")
+        return replace(found, message=f"GGUF model of architecture {arch!r} is not supported (GGUF loads Flux.1, "
+                                      f"SD3/3.5 and Qwen-Image transformers). {found.message}")
     if found.kind is not ModelKind.CHECKPOINT or found.arch not in (Arch.FLUX, Arch.SD3, Arch.QWEN_IMAGE):
         details.setdefault("unsupported", f"GGUF {found.kind.value} files are not supported: only DiT "
-                                          "transformers (Flux.1, SD3/3.5) load from GGUF")
+                                          "transformers (Flux.1, SD3/3.5, Qwen-Image) load from GGUF")
     return replace(found, details=details)
 
 

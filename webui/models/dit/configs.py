@@ -55,46 +55,44 @@ def flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
     return first, second, head_dim - first - second
 
 
+def _flux_blocks(shapes: Shapes, what: str) -> tuple[dict[str, Any], int]:
+    """The config entries Flux.1 and its derivatives (Chroma) share, from BFL-layout shapes; and the width."""
+    inner, in_channels = _shape(shapes, "img_in.weight", what)
+    head_dim = _shape(shapes, "double_blocks.0.img_attn.norm.query_norm.scale", what)[0]
+    if inner % head_dim:
+        raise ConversionError(f"{what}: width {inner} is not a multiple of the head width {head_dim}")
+    return {
+        "patch_size": 1, "in_channels": in_channels, "out_channels": _shape(shapes, "final_layer.linear.weight", what)[0],
+        "num_layers": count_blocks(shapes, "double_blocks"), "num_single_layers": count_blocks(shapes, "single_blocks"),
+        "attention_head_dim": head_dim, "num_attention_heads": inner // head_dim,
+        "joint_attention_dim": _shape(shapes, "txt_in.weight", what)[1], "axes_dims_rope": list(flux_rope_axes(head_dim)),
+    }, inner
+
+
 def flux_config(shapes: Shapes) -> dict[str, Any]:
     """FluxTransformer2DModel config from BFL-layout shapes (``double_blocks.*``...; prefix removed)."""
     what = "Flux transformer"
-    inner, in_channels = _shape(shapes, "img_in.weight", what)
-    head_dim = _shape(shapes, "double_blocks.0.img_attn.norm.query_norm.scale", what)[0]
+    blocks, inner = _flux_blocks(shapes, what)
     mlp = _shape(shapes, "double_blocks.0.img_mlp.0.weight", what)[0]
-    if inner % head_dim or mlp != 4 * inner:
-        raise ConversionError(f"{what}: width {inner}, head width {head_dim} and MLP width {mlp} do not fit "
-                              "Flux.1 (MLP = 4 x width)")
-    return {
-        "_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": in_channels,
-        "out_channels": _shape(shapes, "final_layer.linear.weight", what)[0],
-        "num_layers": count_blocks(shapes, "double_blocks"), "num_single_layers": count_blocks(shapes, "single_blocks"),
-        "attention_head_dim": head_dim, "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": _shape(shapes, "txt_in.weight", what)[1],
-        "pooled_projection_dim": _shape(shapes, "vector_in.in_layer.weight", what)[1],
-        "guidance_embeds": "guidance_in.in_layer.weight" in shapes, "axes_dims_rope": list(flux_rope_axes(head_dim)),
-    }
-
+    if mlp != 4 * inner:
+        raise ConversionError(f"{what}: width {inner}, head width {blocks['attention_head_dim']} and MLP width {mlp} "
+                              "do not fit Flux.1 (MLP = 4 x width)")
+    return {"_class_name": "FluxTransformer2DModel", **blocks,
+            "pooled_projection_dim": _shape(shapes, "vector_in.in_layer.weight", what)[1],
+            "guidance_embeds": "guidance_in.in_layer.weight" in shapes}
 
 
 def chroma_config(shapes: Shapes) -> dict[str, Any]:
     """ChromaTransformer2DModel config from BFL-layout shapes (Flux blocks + ``distilled_guidance_layer.*``)."""
     what = "Chroma transformer"
-    inner, in_channels = _shape(shapes, "img_in.weight", what)
-    head_dim = _shape(shapes, "double_blocks.0.img_attn.norm.query_norm.scale", what)[0]
+    blocks, inner = _flux_blocks(shapes, what)
     hidden, approximator_in = _shape(shapes, "distilled_guidance_layer.in_proj.weight", what)
-    if inner % head_dim or _shape(shapes, "distilled_guidance_layer.out_proj.weight", what)[0] != inner:
-        raise ConversionError(f"{what}: width {inner}, head width {head_dim} and the guidance approximator's output "
-                              "do not fit Chroma")
-    return {
-        "_class_name": "ChromaTransformer2DModel", "patch_size": 1, "in_channels": in_channels,
-        "out_channels": _shape(shapes, "final_layer.linear.weight", what)[0],
-        "num_layers": count_blocks(shapes, "double_blocks"), "num_single_layers": count_blocks(shapes, "single_blocks"),
-        "attention_head_dim": head_dim, "num_attention_heads": inner // head_dim,
-        "joint_attention_dim": _shape(shapes, "txt_in.weight", what)[1],
-        "axes_dims_rope": list(flux_rope_axes(head_dim)),
-        "approximator_num_channels": approximator_in, "approximator_hidden_dim": hidden,
-        "approximator_layers": count_blocks(shapes, "distilled_guidance_layer.layers"),
-    }
+    if _shape(shapes, "distilled_guidance_layer.out_proj.weight", what)[0] != inner:
+        raise ConversionError(f"{what}: width {inner} and the guidance approximator's output do not fit Chroma")
+    return {"_class_name": "ChromaTransformer2DModel", **blocks,
+            "approximator_num_channels": approximator_in, "approximator_hidden_dim": hidden,
+            "approximator_layers": count_blocks(shapes, "distilled_guidance_layer.layers")}
+
 
 # ---------------------------------------------------------------------------------------------- SD3
 def sd3_config(shapes: Shapes) -> dict[str, Any]:

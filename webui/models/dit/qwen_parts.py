@@ -201,17 +201,25 @@ def text_encoder_to_comfy(sd: StateDict) -> StateDict:
 def load_transformer(path: str | Path, details: Mapping[str, Any], *, dtype: torch.dtype) -> torch.nn.Module:
     from diffusers import QwenImageTransformer2DModel
 
+    from webui.models.dit.gguf_loader import build_quantized, logical_shape, read_gguf_state
     from webui.models.dit.loaders import _read, _strict, _take
+    from webui.models.gguf_header import GGUF_SUFFIXES
 
     path = Path(path)
-    state = _read(path, dtype)
+    gguf = path.suffix.lower() in GGUF_SUFFIXES  # city96 qwen-image-Q4_K_M.gguf: same (diffusers) key names
+    state = read_gguf_state(path) if gguf else _read(path, dtype)
     prefix = str(details.get("prefix", ""))
     sd = _take(state, prefix) if prefix else state
     sd.pop(ZERO_COND_MARKER, None)
     try:
-        config = transformer_config({k: v.shape for k, v in sd.items()}, zero_cond_t=bool(details.get("zero_cond_t")))
+        config = transformer_config({k: logical_shape(v) for k, v in sd.items()},
+                                    zero_cond_t=bool(details.get("zero_cond_t")))
     except ConversionError as exc:
         raise DitLoadError(path, f"{exc}: the file is incomplete or not a Qwen-Image transformer") from None
+    if gguf:  # quantized linear layers stay quantized (webui.models.dit.gguf_loader)
+        config.pop("_class_name", None)
+        return build_quantized(QwenImageTransformer2DModel, config, sd, dtype=dtype, path=path,
+                               component="Qwen-Image transformer")
     return _strict(lambda: QwenImageTransformer2DModel.from_config(config), sd, "Qwen-Image transformer", path)
 
 
