@@ -176,8 +176,11 @@ def test_interrupt_while_queued_cancels_only_your_own_job(app):
 
 
 def test_checkpoint_dropdown_loads_and_rejects_broken_files(app, client):
-    value, status = client.predict("tiny_sd15", api_name="/set_checkpoint")
+    job = client.submit("tiny_sd15", api_name="/set_checkpoint")
+    value, status = job.result(timeout=120)
     assert value == "tiny_sd15" and "Loaded tiny_sd15.safetensors" in text_of(status)
+    busy = [text_of(update[1]) for update in job.outputs() if "Loading" in text_of(update[1])]
+    assert busy and re.search(r"Loading tiny_sd15\.safetensors \(about \d+\.\d GB of weights \(RAM\)\)", busy[0])
     assert app.ctx.options.get("sd_model_checkpoint") == "tiny_sd15"
     value, status = client.predict("broken", api_name="/set_checkpoint")
     assert value == "tiny_sd15"  # the previous choice is kept

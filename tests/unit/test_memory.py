@@ -26,6 +26,13 @@ def test_needs_shrink_from_full_to_sequential():
     assert "model offload ~25.0 GB" in FLUX_LIKE.describe()
 
 
+def test_summary_line_for_the_models_bar():
+    assert FLUX_LIKE.summary(accelerator=False) == "about 33.0 GB of weights (RAM)"
+    assert FLUX_LIKE.summary(accelerator=True) == (
+        "about 33.0 GB of weights; accelerator memory: full 35.0 GB, model offload 25.0 GB, "
+        "group offload 14.9 GB, sequential offload 2.0 GB")
+
+
 @pytest.mark.parametrize("free_gb, mode", [(80, "full"), (30, "model_offload"), (16, "group_offload"),
                                            (4, "sequential_offload")])
 def test_auto_picks_the_fastest_mode_that_fits(free_gb, mode):

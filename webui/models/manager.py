@@ -250,14 +250,21 @@ class ModelManager:
         return LoraApplication(hashes=hashes, warnings=warnings, seconds=report.seconds, matched=matched)
 
     # ---- memory ---------------------------------------------------------------------------
-    def _check_memory(self, record: ModelRecord, vae_record: ModelRecord | None) -> Any:
-        """Estimate before loading (webui.runtime.memory); refuse with a message when it cannot fit."""
+    def estimate(self, record: ModelRecord, vae_record: ModelRecord | None = None) -> Any:
+        """What loading ``record`` needs (``webui.runtime.memory.MemoryEstimate``), from file sizes only: any
+        thread may ask (the models bar shows it before a load)."""
         from webui.runtime import memory
 
         sizes = {str(record.path): record.size}
         if vae_record is not None:
             sizes[str(vae_record.path)] = vae_record.size
-        estimate = memory.estimate_from_files(record.name, sizes, run_dtype_bytes=self.plan.dtype.itemsize)
+        return memory.estimate_from_files(record.name, sizes, run_dtype_bytes=self.plan.dtype.itemsize)
+
+    def _check_memory(self, record: ModelRecord, vae_record: ModelRecord | None) -> Any:
+        """Estimate before loading (webui.runtime.memory); refuse with a message when it cannot fit."""
+        from webui.runtime import memory
+
+        estimate = self.estimate(record, vae_record)
         cached = _file_key("checkpoint", record) in self._cache
         free_host = _free_host_bytes() + self._cache.stats().bytes  # the cache gives way to a new model
         try:

@@ -51,6 +51,15 @@ class MemoryEstimate:
         """Host RAM to read the weights (the RAM cache keeps them there; offload modes run from there)."""
         return self.weights
 
+    def summary(self, *, accelerator: bool) -> str:
+        """One line for the UI: RAM to load, and on an accelerator what each mode needs."""
+        ram = f"about {self.weights / GIB:.1f} GB of weights"
+        if not accelerator:
+            return f"{ram} (RAM)"
+        modes = ", ".join(f"{mode.replace('_', ' ')} {self.accelerator_need(mode) / GIB:.1f} GB"
+                          for mode in FASTEST_FIRST)
+        return f"{ram}; accelerator memory: {modes}"
+
     def describe(self) -> str:
         parts = ", ".join(f"{mode.replace('_', ' ')} ~{self.accelerator_need(mode) / GIB:.1f} GB"
                           for mode in FASTEST_FIRST)

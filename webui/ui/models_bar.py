@@ -92,6 +92,11 @@ def _file_label(record: Any) -> str:
     return Path(path).name if path else record.name
 
 
+def load_estimate(ctx: Any, record: Any) -> str:
+    """What loading ``record`` needs, from file sizes (``webui.runtime.memory``), for the status line."""
+    return ctx.manager.estimate(record).summary(accelerator=ctx.manager.plan.is_cuda)
+
+
 def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     c = registry.section(SECTION)
     list_outputs = [c["checkpoint"], c["vae"], c["empty"], c["starter_panel"]]
@@ -117,7 +122,7 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
             yield {c["checkpoint"]: old,
                    c["status"]: status_html(f"{_file_label(record)} cannot be used: {record.error}", kind="error")}
             return
-        yield {c["status"]: status_html(f"Loading {_file_label(record)}...", kind="busy")}
+        yield {c["status"]: status_html(f"Loading {_file_label(record)} ({load_estimate(ctx, record)})...", kind="busy")}
         try:
             ctx.set_options({"sd_model_checkpoint": record.name})
         except (OptionError, RequestError) as exc:
@@ -127,8 +132,10 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
             yield {c["checkpoint"]: old,
                    c["status"]: status_html(f"Could not load {message}", kind="error")}
             return
+        mode = ctx.manager.memory_mode
+        placed = "" if mode == "cpu" else f" (memory mode: {mode.replace('_', ' ')})"
         yield {c["checkpoint"]: record.name,
-               c["status"]: status_html(f"Loaded {_file_label(record)}.", kind="ok")}
+               c["status"]: status_html(f"Loaded {_file_label(record)}{placed}.", kind="ok")}
 
     c["checkpoint"].input(set_checkpoint, inputs=[c["checkpoint"]], outputs=[c["checkpoint"], c["status"]],
                           api_name="set_checkpoint", concurrency_limit=None, show_progress="minimal")
