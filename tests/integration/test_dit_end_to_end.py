@@ -78,3 +78,16 @@ def test_refusals_are_clear_and_the_app_keeps_working(ctx):
     default = done(ctx.run(GenerationRequest(**{**SMALL, "sampler": "Euler a"}, checkpoint="flux1-dev-tiny"),
                            timeout=300))  # A1111's default sampler name: sampled as flow Euler, with a note
     assert any("Euler" in w for w in default.info["warnings"])
+
+
+def test_memory_estimate_counts_the_split_parts_the_load_will_use(ctx):
+    """Flux transformer file + CLIP-L + T5 + the 16-channel VAE (not CLIP-G, which Flux does not use), each at
+    the run dtype (files are assumed fp16: run dtype bytes / 2)."""
+    record = ctx.catalog.get("checkpoint", "flux1-dev-tiny")
+    folder = ctx.settings.data_dir / "models"
+    files = [record.path, folder / "text_encoders" / "clip_l.safetensors",
+             folder / "text_encoders" / "t5xxl_fp16.safetensors", *sorted((folder / "VAE").glob("*.safetensors"))]
+    estimate = ctx.manager.estimate(record)
+    scale = ctx.manager.plan.dtype.itemsize / 2
+    assert estimate.weights == sum(int(p.stat().st_size * scale) for p in files)
+    assert estimate.largest == int(max(p.stat().st_size for p in files) * scale)

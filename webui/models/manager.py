@@ -255,9 +255,13 @@ class ModelManager:
         thread may ask (the models bar shows it before a load)."""
         from webui.runtime import memory
 
+        from webui.models.dit.assemble import split_part_records
+
         sizes = {str(record.path): record.size}
         if vae_record is not None:
             sizes[str(vae_record.path)] = vae_record.size
+        for part in split_part_records(record, self._catalog, with_vae=vae_record is None):  # DiT split layout
+            sizes[str(part.path)] = part.size
         return memory.estimate_from_files(record.name, sizes, run_dtype_bytes=self.plan.dtype.itemsize)
 
     def _check_memory(self, record: ModelRecord, vae_record: ModelRecord | None) -> Any:

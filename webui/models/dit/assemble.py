@@ -133,6 +133,42 @@ def find_vae(vae_record: Any | None, records: Sequence[Any], *, family: str, mod
 
 
 # ---------------------------------------------------------------------------------------------- assembling
+def split_part_records(record: Any, catalog: Any, *, with_vae: bool = True) -> list[Any]:
+    """The split text encoders (and VAE) that a single DiT transformer file would be assembled with, found as
+    ``load_dit`` finds them but nothing loaded: what the memory estimate counts before loading.  Best effort:
+    a part that cannot be found is left out (the load itself then says what is missing)."""
+    if not is_dit(record) or record.format == "diffusers" or record.detection is None:
+        return []
+    from webui.models.dit import qwen_parts
+
+    details = record.detection.details
+    family = record.family or record.arch.value
+    te_records = catalog.list(ModelKind.TEXT_ENCODER.value)
+    te_roots, vae_roots = catalog.roots(ModelKind.TEXT_ENCODER.value), catalog.roots(ModelKind.VAE.value)
+    where = Where(te_roots, vae_roots)
+    finders = {
+        "vae": lambda: (qwen_parts.find_vae(None, catalog.list(ModelKind.VAE.value), family=family, model=record.path,
+                                            roots=vae_roots) if record.arch is Arch.QWEN_IMAGE else
+                        find_vae(None, catalog.list(ModelKind.VAE.value), family=family, model=record.path,
+                                 where=where)),
+        "qwen2.5-vl": lambda: qwen_parts.find_text_encoder(te_records, family=family, model=record.path,
+                                                           roots=te_roots, text_width=details.get("text_width")),
+    }
+    found = []
+    for part in (*details.get("needs", ()), *details.get("optional", ())):
+        if part == "vae" and not with_vae:
+            continue
+        finder = finders.get(part) or (lambda part=part: find_text_encoder(
+            part, te_records, family=family, model=record.path, where=where, required=False))
+        try:
+            match = finder()
+        except DitLoadError:
+            match = None
+        if match is not None and match not in found:
+            found.append(match)
+    return found
+
+
 def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: Any | None, dtype: torch.dtype,
              allow_pickle: bool = False) -> tuple[DitComponents, Any | None, bool]:
     """``(components, vae module overriding the model's own or None, cache hit)`` for a DiT checkpoint record."""
