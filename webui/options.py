@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
-from webui.runtime.memory import MODES as MEMORY_MODES
+from webui.runtime.memory import FP8_CHOICES, MODES as MEMORY_MODES
 
 
 class OptionError(ValueError):
@@ -31,6 +31,7 @@ class OptionSpec:
     minimum: float | None = None
     maximum: float | None = None
     choices: Callable[[], Iterable[str]] | None = None  # dynamic choices are validated by the caller
+    strict: bool = False  # a fixed set of choices: coerce refuses anything else
 
     def coerce(self, value: Any) -> Any:
         try:
@@ -58,6 +59,8 @@ class OptionSpec:
                     raise ValueError
         except (TypeError, ValueError):
             raise OptionError(f"option {self.key!r} must be a {self.kind.__name__}, got {value!r}") from None
+        if self.strict and self.choices is not None and value not in (allowed := tuple(self.choices())):
+            raise OptionError(f"option {self.key!r} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise OptionError(f"option {self.key!r} must be >= {self.minimum}, got {value}")
         if self.maximum is not None and value > self.maximum:
@@ -71,7 +74,10 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
     OptionSpec("CLIP_stop_at_last_layers", 1, int, "Clip skip", "Models", 1, 12),
     OptionSpec("sd_checkpoint_cache_mb", 8192, int, "RAM cache budget for models (MB)", "Models", 0, 1 << 20),
     OptionSpec("memory_mode", "auto", str, "Memory mode on the accelerator (auto, full, model_offload, group_offload, "
-               "sequential_offload)", "Models", choices=lambda: MEMORY_MODES),
+               "sequential_offload)", "Models", choices=lambda: MEMORY_MODES, strict=True),
+    OptionSpec("fp8_storage", "Disable", str, "FP8 weight: store the UNet / transformer weights in float8 (about half "
+               "the memory of fp16, slightly different images; the model reloads when this changes)", "Models",
+               choices=lambda: FP8_CHOICES, strict=True),
     OptionSpec("memory_headroom_mb", 512, int, "Accelerator memory kept free (MB)", "Models", 0, 1 << 20),
     OptionSpec("control_net_no_detectmap", False, bool, "API: do not append ControlNet maps to the returned "
                "images", "ControlNet"),

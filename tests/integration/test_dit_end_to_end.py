@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -91,3 +92,18 @@ def test_memory_estimate_counts_the_split_parts_the_load_will_use(ctx):
     scale = ctx.manager.plan.dtype.itemsize / 2
     assert estimate.weights == sum(int(p.stat().st_size * scale) for p in files)
     assert estimate.largest == int(max(p.stat().st_size for p in files) * scale)
+
+
+def test_fp8_storage_keeps_a_flux_transformer_in_float8_and_disable_brings_the_full_one_back(ctx):
+    request = GenerationRequest(**SMALL, checkpoint="flux1-dev-tiny")
+    full = pixels(done(ctx.run(request, timeout=300)))
+    ctx.options.update({"fp8_storage": "Enable"})
+    try:
+        first = pixels(done(ctx.run(request, timeout=300)))
+        dtypes = {p.dtype for p in ctx.manager.current.pipe.transformer.parameters()}
+        assert torch.float8_e4m3fn in dtypes and torch.float32 in dtypes  # norms / embeddings stay
+        assert np.array_equal(first, pixels(done(ctx.run(request, timeout=300))))
+    finally:
+        ctx.options.update({"fp8_storage": "Disable"})
+    assert np.array_equal(pixels(done(ctx.run(request, timeout=300))), full)
+    assert torch.float8_e4m3fn not in {p.dtype for p in ctx.manager.current.pipe.transformer.parameters()}

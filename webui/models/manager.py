@@ -136,8 +136,8 @@ class ModelManager:
         return record
 
     # ---- loading --------------------------------------------------------------------------
-    def _checkpoint_components(self, record: ModelRecord) -> tuple[Any, bool]:
-        key = _file_key("checkpoint", record)
+    def _checkpoint_components(self, record: ModelRecord, storage: str = "") -> tuple[Any, bool]:
+        key = (*_file_key("checkpoint", record), storage)
         cached = self._cache.get(key)
         if cached is not None:
             return cached, True
@@ -152,6 +152,9 @@ class ModelManager:
             )
         except loaders.ModelLoadError as exc:
             raise ModelUnavailable(str(exc)) from None
+        from webui.runtime.memory import store_weights
+
+        store_weights(components.unet, storage, self.plan.dtype)
         self._cache.put(key, components, _components_bytes(components))
         return components, False
 
@@ -171,14 +174,15 @@ class ModelManager:
         """Return the loaded model for this (checkpoint, VAE), loading/swapping only what differs."""
         record = self._checkpoint_record(checkpoint)
         vae_record = self._vae_record(vae)
-        key = (_file_key("checkpoint", record), _file_key("vae", vae_record) if vae_record else None)
+        storage = self.weight_storage(record)
+        key = (_file_key("checkpoint", record), _file_key("vae", vae_record) if vae_record else None, storage)
         if record.arch in _DIT_ARCHES:  # Flux / SD3 / Qwen-Image: webui.models.dit
             return _ensure_dit(self, record, vae_record, key)
         if self.current is not None and self._current_key == key:
             return self._sync_embeddings(self.current)
         started = time.perf_counter()
         estimate = self._check_memory(record, vae_record)
-        components, hit = self._checkpoint_components(record)
+        components, hit = self._checkpoint_components(record, storage)
         vae_module = self._vae_module(vae_record, components.arch) if vae_record is not None else None
         self._move_current_off_device()
         pipe = loaders.build_pipeline(components, vae=vae_module)
@@ -269,7 +273,7 @@ class ModelManager:
         from webui.runtime import memory
 
         estimate = self.estimate(record, vae_record)
-        cached = _file_key("checkpoint", record) in self._cache
+        cached = (*_file_key("checkpoint", record), self.weight_storage(record)) in self._cache
         free_host = _free_host_bytes() + self._cache.stats().bytes  # the cache gives way to a new model
         try:
             memory.choose_mode(estimate, self._memory_option("memory_mode", "auto"),
@@ -288,6 +292,12 @@ class ModelManager:
         memory.apply_memory_mode(pipe, mode, self.plan.device)
         self.memory_mode = mode if free is not None else "cpu"
         log.info("%s (%s)", estimate.describe(), self.memory_mode)
+
+    def weight_storage(self, record: ModelRecord) -> str:
+        """``"fp8"`` when the fp8_storage option applies to this checkpoint's family (webui.runtime.memory)."""
+        from webui.runtime.memory import weight_storage
+
+        return weight_storage(self._memory_option("fp8_storage", "Disable"), record.arch)
 
     def _memory_option(self, key: str, default: Any) -> Any:
         return self._option(key) if self._option is not None else default
@@ -343,7 +353,7 @@ def _ensure_dit(manager: ModelManager, record: ModelRecord, vae_record: ModelRec
     try:
         components, vae_module, hit = load_dit(record, catalog=manager._catalog, cache=manager._cache,
                                                vae_record=vae_record, dtype=manager.plan.dtype,
-                                               allow_pickle=manager._settings.allow_pickle)
+                                               allow_pickle=manager._settings.allow_pickle, storage=key[-1])
         manager._move_current_off_device()
         pipe = build_dit_pipeline(components, vae=vae_module)
     except DitLoadError as exc:

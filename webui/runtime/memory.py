@@ -22,6 +22,9 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 GIB = 1024 ** 3
+# A1111's "FP8 weight" option (fp8_storage): the denoiser's Linear/Conv weights stored as float8_e4m3fn
+FP8_CHOICES = ("Disable", "Enable for SDXL", "Enable")
+FP8_SDXL_ARCHES = ("sdxl", "sdxl_refiner")
 MODES = ("auto", "full", "model_offload", "group_offload", "sequential_offload")
 FASTEST_FIRST = MODES[1:]
 ACTIVATIONS = 2 * GIB  # activations, VAE decode and allocator slack at ~1 MP (SDXL/Flux class models)
@@ -102,6 +105,29 @@ def choose_mode(estimate: MemoryEstimate, requested: str, *, free_accelerator: i
             return mode
     raise MemoryRefused(f"{estimate.label} does not fit in {room / GIB:.1f} GB of free accelerator memory even "
                         f"layer by layer ({estimate.describe()}). Use a smaller or quantized model.")
+
+
+def weight_storage(choice: str, arch: Any) -> str:
+    """``"fp8"`` when the ``fp8_storage`` option asks for float8 weights on this model family, else ``""``."""
+    family = str(getattr(arch, "value", arch))
+    return "fp8" if choice == "Enable" or (choice == "Enable for SDXL" and family in FP8_SDXL_ARCHES) else ""
+
+
+def store_weights(denoiser: Any, storage: str, compute_dtype: Any) -> bool:
+    """With ``storage == "fp8"``: keep ``denoiser``'s Linear/Conv weights as float8_e4m3fn (diffusers layerwise
+    casting: each layer is cast up to ``compute_dtype`` for its own forward, norms and embeddings stay as they
+    are).  Lossy and in place, so callers cache the result under a key that includes ``storage``.  Returns
+    whether anything was done (GGUF-quantized denoisers are left as they are)."""
+    if storage != "fp8":
+        return False
+    import torch
+
+    from webui.models.dit.gguf_loader import quantized_linear_count
+
+    if quantized_linear_count(denoiser):
+        return False
+    denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute_dtype)
+    return True
 
 
 def apply_memory_mode(pipe: Any, mode: str, device: Any) -> None:

@@ -169,14 +169,28 @@ def split_part_records(record: Any, catalog: Any, *, with_vae: bool = True) -> l
     return found
 
 
+def stored(transformer: Any, storage: str, dtype: torch.dtype) -> Any:
+    """The transformer with its weights kept as ``storage`` ("fp8" or "": as loaded); see memory.store_weights."""
+    from webui.runtime.memory import store_weights
+
+    store_weights(transformer, storage, dtype)
+    return transformer
+
+
 def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: Any | None, dtype: torch.dtype,
-             allow_pickle: bool = False) -> tuple[DitComponents, Any | None, bool]:
-    """``(components, vae module overriding the model's own or None, cache hit)`` for a DiT checkpoint record."""
+             allow_pickle: bool = False, storage: str = "") -> tuple[DitComponents, Any | None, bool]:
+    """``(components, vae module overriding the model's own or None, cache hit)`` for a DiT checkpoint record;
+    ``storage`` "fp8": the transformer's weights in float8, cached under their own key."""
     hits: list[bool] = []
     family = record.family or record.arch.value
+
+    def folder() -> DitComponents:
+        components = load_dit_folder(record.path, dtype=dtype, allow_pickle=allow_pickle, family=family)
+        stored(components.transformer, storage, dtype)
+        return components
+
     if record.format == "diffusers":
-        components = _cached(cache, _file_key("dit-folder", record), lambda: load_dit_folder(
-            record.path, dtype=dtype, allow_pickle=allow_pickle, family=family), hits)
+        components = _cached(cache, (*_file_key("dit-folder", record), storage), folder, hits)
         vae = None
         if vae_record is not None and record.arch is Arch.QWEN_IMAGE:  # the Wan-layout VAE: webui.models.dit.qwen_parts
             from webui.models.dit import qwen_parts, qwen_vae
@@ -194,7 +208,7 @@ def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: An
         from webui.models.dit import qwen_parts
 
         components = qwen_parts.load_split(record, catalog=catalog, cache=cache, vae_record=vae_record, dtype=dtype,
-                                           hits=hits)
+                                           hits=hits, storage=storage)
         return components, None, all(hits)
     details = record.detection.details if record.detection is not None else {}
     config_key = str(details.get("config_key", record.arch.value))
@@ -223,13 +237,15 @@ def load_dit(record: Any, *, catalog: Any, cache: ComponentCache, vae_record: An
                               where=where)
     # the file itself: transformer (+ embedded text encoders / VAE), each cached under the file's key
     want = tuple(p for p in included if p != "vae" or vae_choice is None)
-    keys = {name: (*_file_key("dit-file", record), name) for name in ("transformer", *want)}
+    keys = {name: (*_file_key("dit-file", record), name, storage if name == "transformer" else "")
+            for name in ("transformer", *want)}
     if all(k in cache for k in keys.values()):
         for name, key in keys.items():
             modules[name] = _cached(cache, key, lambda: None, hits)
     else:
         loaded = load_transformer_file(record.path, arch=record.arch, details=details, dtype=dtype,
                                        family=family, want=want)
+        stored(loaded["transformer"], storage, dtype)
         for name, module in loaded.items():
             parts.setdefault(name, str(record.path))
             cache.put(keys.get(name, (*_file_key("dit-file", record), name)), module, module_bytes(module))

@@ -334,10 +334,10 @@ def find_vae(vae_record: Any | None, records: Sequence[Any], *, family: str, mod
 
 # ---------------------------------------------------------------------------------------------- assembling
 def load_split(record: Any, *, catalog: Any, cache: Any, vae_record: Any | None, dtype: torch.dtype,
-               hits: list[bool]) -> DitComponents:
+               hits: list[bool], storage: str = "") -> DitComponents:
     """A single Qwen-Image transformer file + its split text encoder, VAE and tokenizer / processor; every
     module cached under its own file's key (the text encoder also under the tokenizer's vision token ids)."""
-    from webui.models.dit.assemble import _cached, _file_key
+    from webui.models.dit.assemble import _cached, _file_key, stored
 
     details = record.detection.details if record.detection is not None else {}
     family = record.family or "Qwen-Image"
@@ -351,8 +351,8 @@ def load_split(record: Any, *, catalog: Any, cache: Any, vae_record: Any | None,
                           roots=vae_roots)
     tokenizer, processor = load_tokenizer(folder, edit=edit)
     ids = tuple(token_ids(tokenizer, folder).values())
-    transformer = _cached(cache, (*_file_key("dit-file", record), "transformer"),
-                          lambda: load_transformer(record.path, details, dtype=dtype), hits)
+    transformer = _cached(cache, (*_file_key("dit-file", record), "transformer", storage),
+                          lambda: stored(load_transformer(record.path, details, dtype=dtype), storage, dtype), hits)
     text_encoder = _cached(cache, (*_file_key("text-encoder", te), "qwen2.5-vl", ids),
                            lambda: load_text_encoder(te.path, tokenizer, dtype=dtype), hits)
     vae = _cached(cache, (*_file_key("dit-vae", vae_choice), "qwen_image"),
