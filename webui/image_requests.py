@@ -120,6 +120,66 @@ class ReferenceImages:
             check_image(image, f"IP-Adapter {self.model} reference image {index + 1}")
 
 
+@dataclass(frozen=True)
+class SoftInpaintSetting:
+    """One soft inpainting parameter: A1111's slider (label, range, step, default) and infotext key."""
+
+    name: str  # SoftInpaint field
+    label: str  # A1111 UI label
+    infotext: str  # A1111 infotext key
+    low: float
+    high: float
+    step: float
+    default: float
+    info: str
+
+
+# A1111 extensions-builtin/soft-inpainting, in its script-argument order (after "enabled")
+SOFT_INPAINT_ENABLED_INFOTEXT = "Soft inpainting enabled"
+SOFT_INPAINT_SETTINGS: tuple[SoftInpaintSetting, ...] = (
+    SoftInpaintSetting("schedule_bias", "Schedule bias", "Soft inpainting schedule bias", 0, 8, 0.1, 1.0,
+                       "Shifts when preservation of original content occurs during denoising."),
+    SoftInpaintSetting("preservation_strength", "Preservation strength", "Soft inpainting preservation strength",
+                       0, 8, 0.05, 0.5, "How strongly partially masked content should be preserved."),
+    SoftInpaintSetting("transition_contrast_boost", "Transition contrast boost",
+                       "Soft inpainting transition contrast boost", 1, 32, 0.5, 4.0,
+                       "Amplifies the contrast that may be lost in partially masked regions."),
+    SoftInpaintSetting("mask_influence", "Mask influence", "Soft inpainting mask influence", 0, 1, 0.05, 0.0,
+                       "How strongly the original mask should bias the difference threshold."),
+    SoftInpaintSetting("difference_threshold", "Difference threshold", "Soft inpainting difference threshold",
+                       0, 8, 0.25, 0.5, "How much an image region can change before the original pixels are not "
+                       "blended in anymore."),
+    SoftInpaintSetting("difference_contrast", "Difference contrast", "Soft inpainting difference contrast",
+                       0, 8, 0.25, 2.0, "How sharp the transition should be between blended and not blended."),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoftInpaint:
+    """A1111 soft inpainting (the blurred mask as continuous weights; ``webui.generation.soft_inpaint``).
+
+    Field names are A1111's UI labels; A1111's internal names in brackets: schedule bias
+    (``mask_blend_power``), preservation strength (``mask_blend_scale``), transition contrast boost
+    (``inpaint_detail_preservation``), mask influence / difference threshold / difference contrast
+    (``composite_*``).  Ranges are A1111's sliders.
+    """
+
+    schedule_bias: float = 1.0
+    preservation_strength: float = 0.5
+    transition_contrast_boost: float = 4.0
+    mask_influence: float = 0.0
+    difference_threshold: float = 0.5
+    difference_contrast: float = 2.0
+
+    def __post_init__(self) -> None:
+        for spec in SOFT_INPAINT_SETTINGS:
+            value = getattr(self, spec.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise RequestError(f"soft inpainting {spec.label.lower()} must be a number, got {value!r}")
+            _check_range(f"soft inpainting {spec.label.lower()}", value, spec.low, spec.high)
+            object.__setattr__(self, spec.name, float(value))
+
+
 @dataclass(frozen=True, kw_only=True, eq=False)
 class Img2ImgRequest(GenerationRequest):
     """An img2img / edit / inpaint job (A1111 field names).
@@ -138,6 +198,7 @@ class Img2ImgRequest(GenerationRequest):
     inpaint_full_res: bool = False  # True: "Only masked" inpaint area
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: bool = False
+    soft_inpainting: SoftInpaint | None = None  # None: off; used only with a mask
     names: tuple[str, ...] = field(default=())  # original file names, for messages
 
     job_kind = "img2img"
@@ -163,6 +224,8 @@ class Img2ImgRequest(GenerationRequest):
                                f"got {self.inpainting_fill}")
         if self.mask is not None:
             check_image(self.mask, "mask")
+        if self.soft_inpainting is not None and not isinstance(self.soft_inpainting, SoftInpaint):
+            raise RequestError("soft_inpainting must be SoftInpaint settings or None (off)")
 
     @property
     def is_inpaint(self) -> bool:

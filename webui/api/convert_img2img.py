@@ -23,6 +23,62 @@ A1111_DEFAULTS = {  # StableDiffusionProcessingImg2Img defaults, for fields a cl
     "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
 }
 DEFAULT_IMAGE_CFG_SCALE = 1.5  # A1111 sends None; instruct-pix2pix models use 1.5
+SOFT_INPAINTING_SCRIPT = "soft inpainting"  # A1111's script title "Soft Inpainting", matched in lower case
+
+
+def soft_inpainting(value: Any) -> image_requests.SoftInpaint | None:
+    """``alwayson_scripts["Soft Inpainting"]`` -> settings (None: disabled).  A1111's script args, in order:
+    ``[enabled, schedule_bias, preservation_strength, transition_contrast_boost, mask_influence,
+    difference_threshold, difference_contrast]``; missing trailing args take A1111's defaults."""
+    label = 'alwayson_scripts["soft inpainting"].args'
+    args = value.get("args") if isinstance(value, dict) else value
+    if args is None:
+        return None
+    if not isinstance(args, list):
+        raise RequestError(f"{label} must be a list: [enabled, schedule bias, preservation strength, "
+                           "transition contrast boost, mask influence, difference threshold, difference contrast]")
+    specs = image_requests.SOFT_INPAINT_SETTINGS
+    if len(args) > 1 + len(specs):
+        raise RequestError(f"{label} takes at most {1 + len(specs)} values, got {len(args)}")
+    if not args or not args[0] or (isinstance(args[0], str) and args[0].strip().lower() in ("false", "0")):
+        return None
+    values: dict[str, float] = {}
+    for index, (spec, raw) in enumerate(zip(specs, args[1:]), start=1):
+        number = _number(raw)
+        if number is None:
+            raise RequestError(f"{label}[{index}] ({spec.label}) must be a number between {spec.low:g} and "
+                               f"{spec.high:g}, got {raw!r}")
+        values[spec.name] = number
+    try:
+        return image_requests.SoftInpaint(**values)
+    except RequestError as exc:
+        raise RequestError(f"{label}: {exc}") from None
+
+
+def _number(raw: Any) -> float | None:
+    if isinstance(raw, bool) or raw is None:
+        return None
+    try:
+        number = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return number if number == number else None  # NaN is not a number here
+
+
+def split_soft_inpainting(body: Img2ImgRequest) -> tuple[Img2ImgRequest, image_requests.SoftInpaint | None]:
+    """(body without the soft inpainting script, its settings): the other scripts go to ``common_fields``.
+    Without the script, an ``infotext`` that enables soft inpainting sets it (A1111 v1.10 ``infotext``)."""
+    scripts = dict(body.alwayson_scripts or {})
+    keys = [key for key in scripts if str(key).strip().lower() == SOFT_INPAINTING_SCRIPT]
+    if not keys:
+        if not body.infotext:
+            return body, None
+        from webui.io.metadata import parse_infotext, soft_inpaint_from_infotext
+
+        return body, soft_inpaint_from_infotext(parse_infotext(body.infotext))
+    settings = soft_inpainting(scripts[keys[0]])
+    rest = {key: value for key, value in scripts.items() if key not in keys}
+    return body.model_copy(update={"alwayson_scripts": rest}), settings
 
 
 def decode_init_images(values: list[Any] | None) -> list[Any]:
@@ -67,7 +123,7 @@ def _ignored(body: Img2ImgRequest) -> list[str]:
 
 def img2img_request(body: Img2ImgRequest, defaults: ApiDefaults = ApiDefaults()) -> Txt2ImgConversion:
     """A1111 img2img JSON -> a validated ``Img2ImgRequest``; RequestError/OptionError/NotAvailable."""
-    body = apply_infotext(body)
+    body, soft = split_soft_inpainting(apply_infotext(body))
     images = decode_init_images(body.init_images)
     mask = decode_mask(body.mask)
     fields, warnings, keep = common_fields(body, defaults, init_image=images[0])
@@ -89,6 +145,9 @@ def img2img_request(body: Img2ImgRequest, defaults: ApiDefaults = ApiDefaults())
         inpaint_full_res=bool(_or(body.inpaint_full_res, A1111_DEFAULTS["inpaint_full_res"])),
         inpaint_full_res_padding=_or(body.inpaint_full_res_padding, A1111_DEFAULTS["inpaint_full_res_padding"]),
         inpainting_mask_invert=bool(invert),
+        soft_inpainting=soft,
     )
+    if soft is not None and mask is None:
+        notes.append("soft inpainting needs a mask and was ignored")
     return Txt2ImgConversion(request=request, send_images=_or(body.send_images, True),
                              warnings=tuple(notes), keep_options=keep)

@@ -58,7 +58,10 @@ class ProcessingRequest(_Lenient):
     send_images: Optional[bool] = True
     save_images: Optional[bool] = False
     alwayson_scripts: Optional[dict[str, Any]] = Field(
-        default_factory=dict, description='{"controlnet": {"args": [unit, ...]}} (sd-webui-controlnet units)')
+        default_factory=dict, description='{"controlnet": {"args": [unit, ...]}} (sd-webui-controlnet units); '
+                                          'img2img also {"soft inpainting": {"args": [enabled, schedule bias, '
+                                          'preservation strength, transition contrast boost, mask influence, '
+                                          'difference threshold, difference contrast]}}')
     infotext: Optional[str] = None
 
 

@@ -29,6 +29,7 @@ from diffusers.models.controlnets.controlnet import ControlNetOutput
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 from PIL import Image
 
+from webui.models.t2i_adapter import is_t2i_adapter
 from webui.image_requests import CONTROL_MODES, RESIZE_AND_FILL, RESIZE_CROP_AND_RESIZE, RESIZE_JUST_RESIZE
 from webui.types import Arch, RequestError
 
@@ -174,8 +175,9 @@ def _thresholds(pre: Any, unit: Any) -> tuple[float | None, float | None]:
 
 def prepare_control(units: Sequence[Any], *, base_arch: Arch, width: int, height: int, init_image: Any = None,
                     loader: Any, preprocessors: Any = None, annotators_dir: Path | None = None,
-                    do_cfg: bool | None = None) -> ControlConditioning | None:
-    """Conditioning for the enabled ``units`` (None when no unit is enabled).
+                    do_cfg: bool | None = None) -> Any:
+    """Conditioning for the enabled ``units``: a ``ControlConditioning``, an
+    ``adapter_control.AdapterConditioning`` when the units are T2I-Adapters, or None when no unit is enabled.
 
     ``init_image``: the img2img input already fitted to the output size, used by units without an image.
     ``loader``: ``webui.models.controlnet.ControlNetLoader``; ``preprocessors``: a ``PreprocessorRegistry``
@@ -187,7 +189,7 @@ def prepare_control(units: Sequence[Any], *, base_arch: Arch, width: int, height
 
     registry = preprocessors if preprocessors is not None else PreprocessorRegistry()
     models, images, maps, modes, info = [], [], [], [], {}
-    scales, starts, ends = [], [], []
+    scales, starts, ends, names = [], [], [], []
     for index, unit in enumerate(units):
         if not getattr(unit, "enabled", True):
             continue
@@ -217,8 +219,14 @@ def prepare_control(units: Sequence[Any], *, base_arch: Arch, width: int, height
         scales.append(float(unit.weight))
         starts.append(float(unit.guidance_start))
         ends.append(float(unit.guidance_end))
+        names.append(unit.model)
     if not models:
         return None
+    if any(is_t2i_adapter(m) for m in models):  # T2I-Adapter units (webui.generation.adapter_control)
+        from webui.generation.adapter_control import adapter_conditioning
+
+        return adapter_conditioning(models, images, names=names, weights=scales, starts=starts, ends=ends,
+                                    modes=modes, maps=maps, infotext=info, img2img=init_image is not None)
     controlnet, guess = combine(models, modes, do_cfg=do_cfg)
     single = not isinstance(controlnet, MultiControlNetModel)
     kwargs = {

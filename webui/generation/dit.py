@@ -86,6 +86,9 @@ def check_request(model: Any, request: GenerationRequest) -> None:
             and model.components.variant is not Variant.INPAINT:
         raise RequestError(f"inpainting is not supported for {label} models (except Flux.1 Fill) yet: use img2img "
                            "without a mask, or a Flux.1 Fill model")
+    if isinstance(request, Img2ImgRequest) and request.mask is not None and request.soft_inpainting is not None:
+        raise RequestError(f"soft inpainting is not supported for {label} models yet: turn Soft inpainting off "
+                           "(a larger Mask blur still softens the edge), or use an SD1.x / SD2 / SDXL checkpoint")
     multiple = 16
     for side in ("width", "height"):
         value = getattr(request, side)

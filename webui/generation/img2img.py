@@ -11,6 +11,9 @@
   image); latent noise / latent nothing set its start latents.
 * "Only masked": the masked region (+ padding, grown to the output aspect ratio) is cut out, generated at
   width x height and pasted back into the full-size original.
+* soft inpainting (``request.soft_inpainting``, both checkpoint kinds, whole picture or only masked): the
+  unrounded latent mask weights a per-step blend with the noised start latents, and the final overlay
+  uses a weight from how much each region changed (``webui.generation.soft_inpaint``).
 * instruction-edit (instruct-pix2pix, 8-channel UNet): the edit pipeline with ``image_cfg_scale``.
 Worker thread only.
 """
@@ -21,7 +24,7 @@ from typing import Any, Callable
 
 import torch
 
-from webui.generation import masks
+from webui.generation import masks, soft_inpaint
 from webui.generation.image_prep import normalize_image, resize_image
 from webui.generation.pipeline_tasks import task_for, task_pipeline
 from webui.generation.runner import SamplingPlan
@@ -137,8 +140,9 @@ def build_plan(model: Any, request: Img2ImgRequest, control_for: ControlFor | No
     batch = request.batch_size
     steps_run = request.steps if task == "edit" else steps_to_run(request)
     state: dict[str, Any] = {}
-    latent_mask = (masks.latent_mask(prepared.mask, (request.width // 8, request.height // 8))
-                   if prepared.mask is not None else None)
+    soft = request.soft_inpainting if task == "inpaint" else None  # A1111: soft inpainting keeps the mask unrounded
+    latent_mask = (masks.latent_mask(prepared.mask, (request.width // 8, request.height // 8),
+                                     round_values=soft is None) if prepared.mask is not None else None)
 
     def batch_kwargs(batch_index: int, seeds: list[int], noise: torch.Tensor) -> dict[str, Any]:
         start = batch_index * batch
@@ -149,10 +153,16 @@ def build_plan(model: Any, request: Img2ImgRequest, control_for: ControlFor | No
         if masked_4ch:
             originals = encode_images(pipe, _cycle(prepared.originals, start, batch))
             mask = latent_mask.to(device=originals.device, dtype=originals.dtype)
-            state.update(originals=originals, mask=mask, noise=noise)
-            kwargs["image"] = _start_latents(encode_images(pipe, inputs), noise, mask, request.inpainting_fill)
+            begin = _start_latents(encode_images(pipe, inputs), noise, mask, request.inpainting_fill)
+            state.update(originals=begin if soft is not None else originals, mask=mask, noise=noise)
+            kwargs["image"] = begin
             return kwargs
         kwargs["image"] = inputs
+        if task == "inpaint" and soft is not None:  # 9-channel: the soft blend needs the start latents too
+            encoded = encode_images(pipe, inputs)
+            mask = latent_mask.to(device=encoded.device, dtype=encoded.dtype)
+            state.update(originals=_start_latents(encoded, noise, mask, request.inpainting_fill), mask=mask,
+                         noise=noise)
         if task == "inpaint":
             kwargs["mask_image"] = [prepared.mask] * batch
             if request.inpainting_fill in (FILL_LATENT_NOISE, FILL_LATENT_NOTHING):
@@ -164,27 +174,50 @@ def build_plan(model: Any, request: Img2ImgRequest, control_for: ControlFor | No
         scheduler, latents = p.scheduler, tensors["latents"]
         originals, mask, noise = state["originals"], state["mask"], state["noise"]
         index = getattr(scheduler, "step_index", None)
+        if index is None:  # DDIM / PLMS keep no step index: count from the step
+            index = soft_inpaint.scheduler_position(scheduler, step, steps_run) + 1
         timesteps = scheduler.timesteps
         if index is None or index >= len(timesteps):
             background = originals
         else:
             background = scheduler.add_noise(originals, noise, timesteps[index:index + 1])
+        if soft is not None:  # A1111 soft inpainting: the mask as continuous, noise-level dependent weights
+            sigma = soft_inpaint.step_sigma(scheduler, soft_inpaint.scheduler_position(scheduler, step, steps_run))
+            state["latents"] = soft_inpaint.blend_step(background, latents, mask, sigma, soft)
+            return {"latents": state["latents"]}
         return {"latents": latents * mask + background.to(latents.dtype) * (1 - mask)}
 
     def finish(image: Any, index: int) -> Any:
         if prepared.mask is None:
             return image
+        if soft is not None and "latents" in state:
+            return _soft_composite(prepared, state, soft, image, index, batch)
         if prepared.box is not None:
             full = prepared.full_size[index % len(prepared.full_size)]
             return masks.paste_back(full, image, prepared.box, prepared.full_mask)
         return masks.composite_masked(prepared.originals[index % len(prepared.originals)], image, prepared.mask)
 
     infotext = {**infotext_fields(request, task), **(getattr(control_cond, "infotext", {}) or {})}
+    if soft is not None:
+        infotext.update(soft_inpaint.infotext_fields(soft))
     return SamplingPlan(pipe=pipe, mode="img2img", steps_run=steps_run, call_kwargs=call, batch_kwargs=batch_kwargs,
-                        on_step=blend_unmasked if masked_4ch else None, finish=finish, infotext=infotext,
+                        on_step=blend_unmasked if masked_4ch or soft is not None else None, finish=finish,
+                        infotext=infotext,
                         prompt_schedule=task != "edit",
                         extra_images=tuple(getattr(control_cond, "maps", ()) or ()),
                         info={"task": task, "denoising_strength": request.denoising_strength})
+
+
+def _soft_composite(prepared: PreparedImages, state: dict[str, Any], soft: Any, image: Any, index: int,
+                    batch: int) -> Any:
+    """Soft inpainting's final overlay: original pixels wherever the latents did not change much."""
+    offset = index % batch
+    weight = soft_inpaint.difference_mask(state["mask"], state["originals"][offset], state["latents"][offset], soft,
+                                          (image.width, image.height))
+    if prepared.box is not None:
+        full = prepared.full_size[index % len(prepared.full_size)]
+        return masks.paste_back(full, image, prepared.box, soft_inpaint.uncrop_mask(weight, full.size, prepared.box))
+    return masks.composite_masked(prepared.originals[index % len(prepared.originals)], image, weight)
 
 
 def _start_latents(latents: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor, fill: int) -> torch.Tensor:

@@ -184,6 +184,10 @@ def txt2img_plan(model: Any, request: GenerationRequest, control_cond: Any = Non
     """txt2img; on a 9-channel inpaint checkpoint it inpaints a blank image under a full mask (A1111)."""
     from PIL import Image
 
+    if getattr(control_cond, "adapters", None) is not None:  # T2I-Adapter units (adapter_control)
+        from webui.generation.adapter_control import adapter_plan
+
+        return adapter_plan(model, request, control_cond)
     task = task_for(model.components.variant, has_image=False, has_mask=False)
     pipe = task_pipeline(model, task, controlnet=getattr(control_cond, "controlnet", None))
     call: dict[str, Any] = {"width": request.width, "height": request.height}

@@ -23,7 +23,8 @@ from typing import Any, Mapping
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from webui.generation.samplers import AUTOMATIC, canonical_schedule, split_legacy_name
-from webui.types import GenerationRequest
+from webui.image_requests import SOFT_INPAINT_ENABLED_INFOTEXT, SOFT_INPAINT_SETTINGS, SoftInpaint
+from webui.types import GenerationRequest, RequestError
 
 PNG_KEY = "parameters"
 # A1111 modules/infotext_utils.py, verbatim.
@@ -228,6 +229,9 @@ def infotext_to_request_fields(parsed: Mapping[str, Any], *, with_models: bool =
         fields["schedule"] = canonical_schedule(raw) or raw
     if any(key in parsed for key in HIRES_KEYS):
         fields["enable_hr"] = True
+    soft = soft_inpaint_from_infotext(parsed)
+    if soft is not None:
+        fields["soft_inpainting"] = soft
     if with_models:
         name, model_hash = checkpoint_hint(parsed)
         if name or model_hash:
@@ -235,6 +239,23 @@ def infotext_to_request_fields(parsed: Mapping[str, Any], *, with_models: bool =
         if parsed.get("VAE"):
             fields["vae"] = str(parsed["VAE"])
     return fields
+
+
+def soft_inpaint_from_infotext(parsed: Mapping[str, Any]) -> SoftInpaint | None:
+    """A1111's ``Soft inpainting enabled: True, Soft inpainting schedule bias: 1, ...`` -> settings (None when
+    not enabled).  A missing or unreadable value takes its default; out-of-range values give None."""
+    if str(parsed.get(SOFT_INPAINT_ENABLED_INFOTEXT, "")).strip().lower() != "true":
+        return None
+    values: dict[str, float] = {}
+    for spec in SOFT_INPAINT_SETTINGS:
+        try:
+            values[spec.name] = float(str(parsed[spec.infotext]).strip())
+        except (KeyError, ValueError):
+            continue
+    try:
+        return SoftInpaint(**values)
+    except RequestError:
+        return None
 
 
 def checkpoint_hint(parsed: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -7,7 +7,8 @@ Layouts (all loaded strictly: a tensor that does not fit is an error, never sile
 - single file in ldm layout as lllyasviel's ``control_v11p_sd15_canny``: ``control_model.*`` keys, or the
   same keys without the prefix (thibaud's SD2 files), ``.safetensors`` or, with ``--allow-pickle``, ``.pth``
   through ``torch.load(weights_only=True)``;
-- single file in diffusers layout without a config (most SDXL ControlNets: ``controlnet_cond_embedding.*``).
+- single file in diffusers layout without a config (most SDXL ControlNets: ``controlnet_cond_embedding.*``);
+- T2I-Adapters in any of their layouts (``webui.models.t2i_adapter``): ``get`` returns a ``T2IAdapter``.
 
 The config comes from tensor shapes (widths, layers, attention depths, hint-encoder channels) plus what
 shapes cannot tell (head counts) from the bundled UNet config of the architecture, the same split as
@@ -27,6 +28,7 @@ import torch
 
 from webui import configs
 from webui.models import ldm_convert as conv
+from webui.models import t2i_adapter as t2i
 from webui.models.cache import ComponentCache, module_bytes
 from webui.models.ldm_convert import ConversionError, StateDict
 from webui.types import Arch, ModelKind, RequestError
@@ -207,6 +209,8 @@ def load_controlnet(path: str | Path, *, arch: Arch | None, dtype: torch.dtype =
             raise ModelLoadError(path, f"diffusers ControlNet folder without {DIFFUSERS_WEIGHTS}.safetensors")
         path = weights[0]
     state = read_state_dict(path, dtype=dtype, allow_pickle=allow_pickle)
+    if t2i.is_adapter_state(state):  # a T2I-Adapter in models/ControlNet (sd-webui-controlnet keeps them there)
+        return t2i.load_t2i_adapter(path, dtype=dtype, state=state)
     try:
         if folder is not None:
             config = dict(ControlNetModel.load_config(str(folder), local_files_only=True))
@@ -223,7 +227,9 @@ def load_controlnet(path: str | Path, *, arch: Arch | None, dtype: torch.dtype =
 
 
 def arch_of(model: Any) -> Arch:
-    """The architecture a loaded ``ControlNetModel`` is for (from its config)."""
+    """The architecture a loaded ``ControlNetModel`` (or ``T2IAdapter``) is for (from its config)."""
+    if t2i.is_t2i_adapter(model):
+        return t2i.arch_of_adapter(model)
     config = model.config
     if config.get("addition_embed_type") == "text_time":
         return Arch.SDXL

@@ -42,6 +42,7 @@ from webui.models.dit.detect import folder_facts as dit_folder_facts
 from webui.models.dit.detect import probe_header as dit_probe_header
 from webui.models.gguf_header import GGUF_SUFFIXES, gguf_text_encoder, quantization_summary, read_gguf_header
 from webui.models.ip_adapter import adapter_facts, clip_vision_facts
+from webui.models.t2i_adapter import adapter_facts as t2i_adapter_facts
 from webui.models.safetensors_header import (  # the header API, re-exported for existing importers
     SAFETENSORS_SUFFIXES,
     BrokenModelFile,
@@ -194,6 +195,22 @@ def _probe_controlnet(h: SafetensorsHeader) -> Match | None:
                  details={"format": fmt, "context_width": facts.context_width, "warnings": warnings})
 
 
+def _probe_t2i_adapter(h: SafetensorsHeader) -> Match | None:
+    """TencentARC (``conv_in``/``body.*``) or diffusers (``adapter.*``) T2I-Adapters: a ControlNet-folder model
+    (``webui.models.t2i_adapter``); full_adapter / light_adapter = SD 1.x, full_adapter_xl = SDXL."""
+    try:
+        facts = t2i_adapter_facts({k: v.shape for k, v in h.tensors.items()})
+    except ValueError as exc:
+        raise BrokenModel(str(exc)) from None
+    if facts is None:
+        return None
+    details: dict[str, Any] = {"format": "t2i_adapter", "layout": facts.layout, "adapter_type": facts.adapter_type,
+                               "in_channels": facts.in_channels, "warnings": []}
+    if facts.unsupported:
+        details["unsupported"] = facts.unsupported
+    return Match(kind=ModelKind.CONTROLNET, arch=facts.arch, family=FAMILY_BY_ARCH[facts.arch], details=details)
+
+
 def _probe_vae(h: SafetensorsHeader) -> Match | None:
     for prefix in ("", "first_stage_model."):
         for fmt, enc, dec in (("ldm", "encoder.down.", "decoder.up."),
@@ -303,6 +320,8 @@ def _probe_clip_vision(h: SafetensorsHeader) -> Match | None:
 DETECTORS: Mapping[str, Detector] = MappingProxyType({d.name: d for d in (
     Detector("controlnet", 10, "control_model.*, input_hint_block.* or controlnet_cond_embedding.* keys",
              _probe_controlnet),
+    Detector("t2i_adapter", 12, "conv_in + body.N.block1 (TencentARC) or adapter.body.* (diffusers) T2I-Adapter "
+             "keys", _probe_t2i_adapter),
     Detector("ip_adapter", 15, "image_proj.* + ip_adapter.N.to_k_ip keys (IP-Adapter)", _probe_ip_adapter),
     Detector("checkpoint", 20, "model.diffusion_model.* keys (ldm/sgm single-file checkpoint)", _probe_checkpoint),
     Detector("dit", 18, "double_blocks.*/joint_blocks.*/img_mod keys (Flux/SD3/Qwen-Image), CLIP/T5 text "

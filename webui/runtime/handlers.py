@@ -5,6 +5,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from webui.generation.adapter_control import job_notes
 from webui.generation.hires import HiresTools
 from webui.generation.runner import RunOptions, run_generation, txt2img_plan
 from webui.generation.upscale_job import run_upscale_job, upscale_settings, upscaler_entries
@@ -97,7 +98,9 @@ def _plan(ctx: "AppContext", model: Any, request: GenerationRequest, control: "J
         from webui.generation.img2img import build_plan
 
         return build_plan(model, request, control_for), []
-    return txt2img_plan(model, request, control_for(None) if control_for else None), []
+    cond = control_for(None) if control_for else None
+    notes = job_notes(cond, request)  # T2I-Adapter units: what runs differently, or a RequestError
+    return txt2img_plan(model, request, cond), notes
 
 
 def _control_for(ctx: "AppContext", model: Any, request: GenerationRequest, control: "JobControl"):

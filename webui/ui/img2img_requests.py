@@ -12,7 +12,8 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from webui.image_requests import MASKED_CONTENT_NAMES, RESIZE_MODE_NAMES, Img2ImgRequest
+from webui.image_requests import (MASKED_CONTENT_NAMES, RESIZE_MODE_NAMES, SOFT_INPAINT_SETTINGS, Img2ImgRequest,
+                                  SoftInpaint)
 from webui.types import RequestError
 from webui.ui.requests import parse_number, txt2img_field_values, txt2img_request
 
@@ -32,6 +33,9 @@ INPAINT_FIELDS: Mapping[str, str] = {
     "inpaint_full_res": "Inpaint area",
     "inpaint_full_res_padding": "Only masked padding, pixels",
 }
+# soft inpainting accordion of the inpaint tab: widget name -> label ("soft_inpainting" is the on/off box)
+SOFT_INPAINT_FIELDS: Mapping[str, str] = {"soft_inpainting": "Soft inpainting",
+                                          **{f"soft_{spec.name}": spec.label for spec in SOFT_INPAINT_SETTINGS}}
 SIZE_LIMITS = (64, 2048)  # the width/height sliders' range
 
 _DEFAULTS = Img2ImgRequest.__dataclass_fields__  # field defaults without building a request (it needs an image)
@@ -90,7 +94,26 @@ def image_fields(values: Mapping[str, Any], *, inpaint: bool = False) -> dict[st
                                                           MASK_MODES, 0))
     if "inpaint_full_res" in values:
         out["inpaint_full_res"] = bool(choice_index("Inpaint area", values["inpaint_full_res"], INPAINT_AREAS, 0))
+    if "soft_inpainting" in values:
+        out["soft_inpainting"] = soft_inpaint_settings(values)
     return out
+
+
+def soft_inpaint_settings(values: Mapping[str, Any]) -> SoftInpaint | None:
+    """The soft inpainting accordion's values -> settings (None while its box is unticked)."""
+    if not values.get("soft_inpainting") or str(values["soft_inpainting"]).strip().lower() in ("false", "0"):
+        return None
+    numbers = {spec.name: parse_number(f"Soft inpainting {spec.label.lower()}", values.get(f"soft_{spec.name}"),
+                                       spec.default) for spec in SOFT_INPAINT_SETTINGS}
+    return SoftInpaint(**numbers)
+
+
+def soft_inpaint_values(settings: SoftInpaint | None) -> dict[str, Any]:
+    """Settings (e.g. from an infotext) -> the accordion's widget values; nothing when ``settings`` is None."""
+    if settings is None:
+        return {}
+    return {"soft_inpainting": True, **{f"soft_{spec.name}": getattr(settings, spec.name)
+                                        for spec in SOFT_INPAINT_SETTINGS}}
 
 
 def img2img_request(
@@ -182,6 +205,8 @@ def infotext_values(fields: Mapping[str, Any]) -> dict[str, Any]:
         strength = None
     if strength is not None and 0.0 <= strength <= 1.0:
         out["denoising_strength"] = strength
+    soft = fields.get("soft_inpainting")
+    out.update(soft_inpaint_values(soft if isinstance(soft, SoftInpaint) else None))
     return out
 
 

@@ -11,16 +11,20 @@ from typing import Any, Mapping
 
 import gradio as gr
 
-from webui.image_requests import MASKED_CONTENT_NAMES, Img2ImgRequest
+from webui.image_requests import MASKED_CONTENT_NAMES, SOFT_INPAINT_SETTINGS, Img2ImgRequest
 from webui.types import Variant
 from webui.ui.common import Registry
 from webui.ui.img2img import (checkpoint_variant, control_requests, render_parameters, render_results,
                               render_toprow, wire_generation)
-from webui.ui.img2img_requests import IMG2IMG_FIELDS, INPAINT_AREAS, INPAINT_FIELDS, MASK_MODES, inpaint_request
+from webui.ui.img2img_requests import (IMG2IMG_FIELDS, INPAINT_AREAS, INPAINT_FIELDS, MASK_MODES, SOFT_INPAINT_FIELDS,
+                                       inpaint_request)
 
 SECTION = "inpaint"
 BRUSH_COLOR = ("#ffffff", 0.8)  # painted = change; slightly see-through so the image stays visible
-FIELDS = {**IMG2IMG_FIELDS, **INPAINT_FIELDS}
+FIELDS = {**IMG2IMG_FIELDS, **INPAINT_FIELDS, **SOFT_INPAINT_FIELDS}
+SOFT_INPAINT_HELP = ("Blends original and inpainted content by the mask's opacity: a high **Mask blur** (e.g. 16+) "
+                     "gives it room. Works with normal and inpaint checkpoints, whole picture or only masked; "
+                     "not with DiT models.")
 
 
 def inpaint_hint(variant: Variant | None) -> str:
@@ -63,9 +67,22 @@ def render(ctx: Any) -> dict[str, Any]:
                 c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, precision=0,
                                                           label="Only masked padding, pixels",
                                                           elem_id="inpaint_full_res_padding", min_width=200)
+            c.update(render_soft_inpainting())
             c.update(render_parameters(ctx, SECTION, hint=inpaint_hint(checkpoint_variant(ctx))))
         with gr.Column(scale=1, min_width=320, elem_id=f"{SECTION}_results"):
             c.update(render_results(SECTION))
+    return c
+
+
+def render_soft_inpainting() -> dict[str, Any]:
+    """A1111's "Soft inpainting" accordion: an on/off box and its six sliders (A1111 ranges and elem_ids)."""
+    c: dict[str, Any] = {}
+    with gr.Accordion("Soft inpainting", open=False, elem_id="soft_inpainting"):
+        c["soft_inpainting"] = gr.Checkbox(False, label="Soft inpainting", elem_id="soft_inpainting_enabled")
+        gr.Markdown(SOFT_INPAINT_HELP)
+        for spec in SOFT_INPAINT_SETTINGS:
+            c[f"soft_{spec.name}"] = gr.Slider(spec.low, spec.high, value=spec.default, step=spec.step,
+                                               label=spec.label, info=spec.info, elem_id=f"soft_{spec.name}")
     return c
 
 

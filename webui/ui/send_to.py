@@ -15,7 +15,7 @@ from PIL import Image
 
 from webui.io.metadata import infotext_to_request_fields, parse_infotext
 from webui.types import RequestError
-from webui.ui.img2img_requests import infotext_values, size_from_image
+from webui.ui.img2img_requests import SOFT_INPAINT_FIELDS, infotext_values, size_from_image
 
 # target tab -> (button label, the target tab's input component)
 TARGETS: Mapping[str, tuple[str, str]] = {
@@ -25,7 +25,7 @@ TARGETS: Mapping[str, tuple[str, str]] = {
 }
 PARAMETER_TARGETS = ("img2img", "inpaint")  # tabs whose prompt/parameters are filled from the infotext
 PARAMETER_NAMES = ("prompt", "negative_prompt", "steps", "sampler", "schedule", "cfg_scale", "seed", "clip_skip",
-                   "denoising_strength", "width", "height")
+                   "denoising_strength", "width", "height", *SOFT_INPAINT_FIELDS)  # soft inpainting: inpaint only
 
 
 def render_buttons(prefix: str, targets: Sequence[str] = tuple(TARGETS)) -> dict[str, Any]:
