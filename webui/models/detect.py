@@ -3,7 +3,8 @@
 ``detect`` runs every detector in ``DETECTORS`` (a registry, not an if-chain), keeps every outcome for
 diagnostics and picks the match with the best explicit priority.  A detector returns a ``Match``, returns
 ``None`` ("not mine"), or raises ``BrokenModel`` ("mine, but broken").  ``detect_path`` handles a file
-(pickles are never opened) or a diffusers folder.
+(pickles are never opened; GGUF files through ``detect_gguf``) or a diffusers folder
+(``webui.models.detect_folder``).
 
 Architecture comes from key *structure* first (tiny test fixtures share it with real files and only have
 smaller widths), then real-sized widths confirm it: a disagreement is reported in ``details["warnings"]``.
@@ -14,7 +15,6 @@ the declarative tables they are matched against (``TEXT_ENCODER_LAYOUTS``, ``UNE
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,7 +27,6 @@ from webui.models.header_facts import (
     FAMILY_BY_ARCH,
     FAMILY_FIELDS_BASE,
     FAMILY_FIELDS_SELF,
-    PREDICTION_WORDS,
     arch_family,
     arch_from_unet,
     diffusers_unet_facts,
@@ -37,8 +36,6 @@ from webui.models.header_facts import (
     metadata_arch,
     text_encoder_arch,
 )
-from webui.models.dit.detect import DIT_PIPELINES
-from webui.models.dit.detect import folder_facts as dit_folder_facts
 from webui.models.dit.detect import probe_header as dit_probe_header
 from webui.models.gguf_header import GGUF_SUFFIXES, gguf_text_encoder, quantization_summary, read_gguf_header
 from webui.models.ip_adapter import adapter_facts, clip_vision_facts
@@ -375,6 +372,8 @@ def detect_path(path: os.PathLike | str, *, hint: ModelKind | None = None) -> De
     is ``hint`` (the folder they were found in) or comes from the extension."""
     path = Path(path)
     if path.is_dir():
+        from webui.models.detect_folder import detect_diffusers_folder  # lazy: it imports this module
+
         return detect_diffusers_folder(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
@@ -407,69 +406,3 @@ def detect_gguf(header: SafetensorsHeader) -> Detection:
         details.setdefault("unsupported", f"GGUF {found.kind.value} files are not supported: only DiT "
                                           "transformers (Flux.1, SD3/3.5, Qwen-Image) load from GGUF")
     return replace(found, details=details)
-
-
-# diffusers pipeline class -> (arch if the class fixes it, variant if the class fixes it)
-DIFFUSERS_PIPELINES = MappingProxyType({
-    "StableDiffusionPipeline": (None, None), "StableDiffusionImg2ImgPipeline": (None, None),
-    "StableDiffusionInpaintPipeline": (None, Variant.INPAINT),
-    "StableDiffusionInstructPix2PixPipeline": (None, Variant.INSTRUCT_PIX2PIX),
-    "StableDiffusionDepth2ImgPipeline": (Arch.SD2, Variant.DEPTH),
-    "StableDiffusionXLPipeline": (Arch.SDXL, None), "StableDiffusionXLImg2ImgPipeline": (Arch.SDXL, None),
-    "StableDiffusionXLInpaintPipeline": (Arch.SDXL, Variant.INPAINT),
-    "StableDiffusionXLInstructPix2PixPipeline": (Arch.SDXL, Variant.INSTRUCT_PIX2PIX),
-    # DiT families (Flux.1 / Kontext, SD3/3.5, Qwen-Image / -Edit): see webui.models.dit.detect.DIT_PIPELINES
-    **{name: (arch, variant) for name, (arch, variant, _family) in DIT_PIPELINES.items()},
-})
-
-
-def _read_json(path: Path, folder: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BrokenModelFile(folder, f"diffusers folder has no {path.relative_to(folder)}: incomplete copy") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BrokenModelFile(folder, f"{path.relative_to(folder)} is not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise BrokenModelFile(folder, f"{path.relative_to(folder)} is not a JSON object")
-    return obj
-
-
-def detect_diffusers_folder(folder: Path) -> Detection:
-    """model_index.json ``_class_name`` -> arch; unet/config.json in_channels -> variant; scheduler
-    ``prediction_type`` -> prediction.  SD1 vs SD2 by the UNet's linear projection (structure), then width."""
-    index = _read_json(folder / "model_index.json", folder)
-    name = str(index.get("_class_name", ""))
-    details: dict[str, Any] = {"format": "diffusers", "pipeline": name, "warnings": []}
-    if name not in DIFFUSERS_PIPELINES:
-        details["unsupported"] = f"diffusers pipeline {name or '(no _class_name)'} is not supported"
-        return Detection(kind=ModelKind.CHECKPOINT, details=details, message=details["unsupported"])
-    if name in DIT_PIPELINES:
-        try:
-            dit = dit_folder_facts(folder, index)
-        except ValueError as exc:
-            raise BrokenModelFile(folder, str(exc)) from None
-        return Detection(kind=dit.kind, arch=dit.arch, variant=dit.variant, family=dit.family,
-                         details={**details, **dit.details})
-    arch, variant = DIFFUSERS_PIPELINES[name]
-    unet = _read_json(folder / "unet" / "config.json", folder)
-    width = unet.get("cross_attention_dim")
-    width = width[0] if isinstance(width, list) and width else width
-    in_channels = unet.get("in_channels")
-    try:
-        found = _variant(in_channels if isinstance(in_channels, int) else None, "unet/config.json")
-    except BrokenModel as exc:
-        raise BrokenModelFile(folder, exc.reason) from None
-    if variant is not None and found is not variant:
-        details["warnings"].append(f"{name} but unet in_channels {in_channels} means {found.value}")
-    if arch is Arch.SDXL:
-        te = index.get("text_encoder")
-        if (te is None or te == [None, None]) and "text_encoder_2" in index:
-            arch = Arch.SDXL_REFINER
-    elif arch is None:
-        arch = Arch.SD2 if unet.get("use_linear_projection") else Arch.SD1
-    _confirm(arch, width if isinstance(width, int) else None, "cross-attention", details["warnings"])
-    scheduler = folder / "scheduler" / "scheduler_config.json"
-    word = str(_read_json(scheduler, folder).get("prediction_type", "")).lower() if scheduler.exists() else ""
-    return Detection(kind=ModelKind.CHECKPOINT, arch=arch, variant=found, prediction=PREDICTION_WORDS.get(word),
-                     family=FAMILY_BY_ARCH[arch], details=details)
