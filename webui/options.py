@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from webui.image_requests import MAX_CONTROL_UNITS
 from webui.runtime.memory import FP8_CHOICES, MODES as MEMORY_MODES
 
 
@@ -79,6 +80,8 @@ OPTION_SPECS: tuple[OptionSpec, ...] = (
                "the memory of fp16, slightly different images; the model reloads when this changes)", "Models",
                choices=lambda: FP8_CHOICES, strict=True),
     OptionSpec("memory_headroom_mb", 512, int, "Accelerator memory kept free (MB)", "Models", 0, 1 << 20),
+    OptionSpec("control_net_unit_count", 3, int, "ControlNet units in the txt2img / img2img / inpaint tabs (takes effect "
+               "on restart)", "ControlNet", 1, MAX_CONTROL_UNITS),
     OptionSpec("control_net_no_detectmap", False, bool, "API: do not append ControlNet maps to the returned "
                "images", "ControlNet"),
     OptionSpec("outdir_samples", "", str, "Output folder (empty: <outdir>)", "Saving"),

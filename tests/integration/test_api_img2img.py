@@ -167,6 +167,13 @@ def test_controlnet_version_settings_and_module_list(server):
     c = server.client
     assert c.get("/controlnet/version").json() == {"version": 2}
     assert c.get("/controlnet/settings").json() == {"control_net_unit_count": 3}
+    try:  # the option the UI reads too (sd-webui-controlnet's name)
+        assert c.post("/sdapi/v1/options", json={"control_net_unit_count": 5}).status_code == 200
+        assert c.get("/controlnet/settings").json() == {"control_net_unit_count": 5}
+        refused = c.post("/sdapi/v1/options", json={"control_net_unit_count": 99})
+        assert refused.status_code == 422 and "control_net_unit_count" in refused.text
+    finally:
+        c.post("/sdapi/v1/options", json={"control_net_unit_count": 3})
     modules = c.get("/controlnet/module_list").json()
     assert "canny" in modules["module_list"] and "none" in modules["module_list"]
     assert set(modules["module_detail"]) == set(modules["module_list"])

@@ -26,7 +26,6 @@ from webui.types import ModelKind, RequestError
 
 PREFIX = "/controlnet"
 API_VERSION = 2
-UNIT_COUNT = 3  # units a client should offer (sd-webui-controlnet's control_net_unit_count)
 PREPROCESS_THREADS = 2  # /detect is CPU work: at most this many at once, off the event loop
 IP_ADAPTER_KIND = ModelKind.IP_ADAPTER.value
 RESOLUTION_SLIDER = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}
@@ -169,7 +168,7 @@ def build_router(ctx, route_cls, waiter: Waiter) -> APIRouter:
 
     @router.get("/settings", summary="ControlNet settings clients read (unit count)")
     def settings() -> dict[str, int]:
-        return {"control_net_unit_count": UNIT_COUNT}
+        return {"control_net_unit_count": int(ctx.options.get("control_net_unit_count"))}
 
     @router.post("/detect", response_model=ControlNetDetectResponse, summary="Run a preprocessor on images",
                  responses={422: {"description": "bad image or unknown module"}})

@@ -142,6 +142,7 @@ def models_hint(ctx: Any, kind: str, arch: Any = None) -> str:
 
 # ---- layout ---------------------------------------------------------------------------------------------
 def unit_count(ctx: Any) -> int:
+    """The ``control_net_unit_count`` option (validated 1..MAX_CONTROL_UNITS by the options store)."""
     try:
         value = int(ctx.options.as_dict().get("control_net_unit_count") or DEFAULT_UNITS)
     except (TypeError, ValueError):
