@@ -225,6 +225,24 @@ def test_hires_fix_applies_the_controlnet_units_again_in_the_second_pass(ctx):
     assert torch.allclose(zero, plain, atol=1e-5)
 
 
+def test_send_to_restores_controlnet_unit_settings_from_the_infotext(ctx):
+    """A result's infotext fills the target tab's units as they ran (not their images); other units off."""
+    from webui.ui.send_to import parameter_values
+
+    unit = canny_unit(weight=0.8, guidance_start=0.1, guidance_end=0.9, resize_mode=2, pixel_perfect=False,
+                      control_mode="ControlNet is more important", threshold_a=50, threshold_b=150)
+    result = done(ctx.run(GenerationRequest(**SMALL, controlnet=[unit]), timeout=120))
+    values = parameter_values(result.images[0].infotext, None, unit_count=3)
+    assert {k: v for k, v in values.items() if k.startswith("cn")} == {
+        "cn0_enabled": True, "cn0_module": "canny", "cn0_model": "tiny_control_sd15_canny", "cn0_weight": 0.8,
+        "cn0_resize_mode": "Resize and Fill", "cn0_processor_res": 64, "cn0_threshold_a": 50.0,
+        "cn0_threshold_b": 150.0, "cn0_guidance_start": 0.1, "cn0_guidance_end": 0.9, "cn0_pixel_perfect": False,
+        "cn0_control_mode": "ControlNet is more important", "cn1_enabled": False, "cn2_enabled": False}
+    assert values["prompt"] == SMALL["prompt"]
+    assert not any(k.startswith("cn") for k in parameter_values(
+        done(ctx.run(GenerationRequest(**SMALL), timeout=120)).images[0].infotext, None, unit_count=3))
+
+
 def test_controlnet_in_img2img_uses_the_input_image_and_inpaint_keeps_unmasked(ctx):
     source = gradient(64, 64)
     mask = square_mask((64, 64), (16, 16, 47, 47))

@@ -300,3 +300,20 @@ def test_optional_images_lets_api_callers_leave_images_out():
     assert list(params) == ["request", "image", "cn0_image", "cn1_image", "ip0_images", "ip1_images", "values"]
     assert all(params[n].default is None for n in ("cn0_image", "ip1_images"))
     assert fn(None, cn0_image="x", prompt="p") == {"cn0_image": "x", "prompt": "p"}  # still goes to **values
+
+
+def test_infotext_unit_values_tolerate_odd_values_and_model_names_with_commas():
+    from webui.io.metadata import control_units_from_infotext, parse_infotext
+    from webui.ui.control_requests import unit_values_from_infotext
+
+    text = ('a cat\nSteps: 4, Seed: 1, ControlNet 1: "Module: none, Model: depth, v2 [0123abcd], Weight: lots, '
+            'Resize Mode: Sideways, Processor Res: -1, Threshold A: -1, Threshold B: -1, Guidance Start: 0.0, '
+            'Guidance End: 1.0, Pixel Perfect: True, Control Mode: My prompt is more important"')
+    units = control_units_from_infotext(parse_infotext(text))
+    assert units[1]["Model"] == "depth, v2" and units[1]["Weight"] == "lots"
+    values = unit_values_from_infotext(units, 2)
+    assert values["cn0_enabled"] is False and values["cn1_enabled"] is True
+    assert values["cn1_model"] == "depth, v2" and values["cn1_processor_res"] == -1
+    assert "cn1_weight" not in values and "cn1_resize_mode" not in values  # left as they are
+    assert values["cn1_pixel_perfect"] is True and values["cn1_control_mode"] == "My prompt is more important"
+    assert unit_values_from_infotext({}, 3) == {}

@@ -258,6 +258,30 @@ def soft_inpaint_from_infotext(parsed: Mapping[str, Any]) -> SoftInpaint | None:
         return None
 
 
+# sd-webui-controlnet's "ControlNet N" value: "Module: canny, Model: name [hash8], Weight: 1.0, ..."
+CONTROL_UNIT_KEYS = ("Module", "Model", "Weight", "Resize Mode", "Processor Res", "Threshold A", "Threshold B",
+                     "Guidance Start", "Guidance End", "Pixel Perfect", "Control Mode")
+_RE_CONTROL_UNIT = re.compile(r"^ControlNet (\d+)$")
+_RE_CONTROL_FIELD = re.compile(r"(?:^|, )(" + "|".join(map(re.escape, CONTROL_UNIT_KEYS)) + r"): ")
+_RE_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
+
+
+def control_units_from_infotext(parsed: Mapping[str, Any]) -> dict[int, dict[str, str]]:
+    """``{unit number: {"Module": "canny", "Model": "name", ...}}`` from the ``ControlNet N`` entries of a parsed
+    infotext (the model's ``[hash]`` removed; a model name may itself contain ", ")."""
+    units: dict[int, dict[str, str]] = {}
+    for key, value in parsed.items():
+        match = _RE_CONTROL_UNIT.match(str(key))
+        if match is None or not isinstance(value, str):
+            continue
+        pieces = _RE_CONTROL_FIELD.split(value)
+        fields = {name: text.strip() for name, text in zip(pieces[1::2], pieces[2::2])}
+        if "Model" in fields:
+            fields["Model"] = _RE_TITLE_HASH.sub("", fields["Model"])
+        units[int(match.group(1))] = fields
+    return units
+
+
 def checkpoint_hint(parsed: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """(model name, short hash) named by an infotext, for the catalog to match."""
     name = str(parsed["Model"]).strip() if parsed.get("Model") else None

@@ -19,7 +19,7 @@ from webui.ui.requests import parse_number
 
 __all__ = ["IP_PARTS", "RESIZE_MODES", "UNIT_PARTS", "UNSET", "as_image", "as_images", "control_mode_value",
            "input_names", "optional_images", "requests_from", "resize_mode_value", "resolution_value", "slot_indices",
-           "threshold_value", "truthy", "unit_indices"]
+           "threshold_value", "truthy", "unit_indices", "unit_setting_names", "unit_values_from_infotext"]
 
 RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")  # ControlUnit.resize_mode 0, 1, 2
 DEFAULT_RESOLUTION = 512
@@ -42,6 +42,44 @@ def slot_indices(values: Mapping[str, Any]) -> list[int]:
     while f"ip{n}_model" in values:
         n += 1
     return list(range(n))
+
+
+def unit_setting_names(components: Mapping[str, Any]) -> list[str]:
+    """The units' widgets an infotext can fill: every part but the image."""
+    return [f"cn{i}_{part}" for i in unit_indices(components) for part in UNIT_PARTS
+            if part != "image" and f"cn{i}_{part}" in components]
+
+
+# infotext field -> (unit part, conversion); a value that does not convert is left out
+_INFOTEXT_PARTS: Mapping[str, tuple[str, Any]] = {
+    "Module": ("module", str), "Model": ("model", str), "Weight": ("weight", float),
+    "Guidance Start": ("guidance_start", float), "Guidance End": ("guidance_end", float),
+    "Processor Res": ("processor_res", lambda v: int(float(v))), "Threshold A": ("threshold_a", float),
+    "Threshold B": ("threshold_b", float), "Pixel Perfect": ("pixel_perfect", lambda v: v.strip() == "True"),
+    "Resize Mode": ("resize_mode", lambda v: RESIZE_MODES[resize_mode_value(v, "infotext")]),
+    "Control Mode": ("control_mode", lambda v: control_mode_value(v, "infotext")),
+}
+
+
+def unit_values_from_infotext(units: Mapping[int, Mapping[str, str]], count: int) -> dict[str, Any]:
+    """Widget values ``cn{i}_<part>`` for the ``ControlNet N`` entries of an infotext
+    (``webui.io.metadata.control_units_from_infotext``): those units enabled with their settings, the other
+    units of the tab disabled; images are never set (the infotext has none).  No entries: nothing changes."""
+    if not units:
+        return {}
+    values: dict[str, Any] = {}
+    for i in range(count):
+        fields = units.get(i)
+        values[f"cn{i}_enabled"] = fields is not None
+        for name, text in (fields or {}).items():
+            part, convert = _INFOTEXT_PARTS.get(name, (None, None))
+            if part is None:
+                continue
+            try:
+                values[f"cn{i}_{part}"] = convert(text)
+            except (ValueError, IndexError, RequestError):
+                continue
+    return values
 
 
 def input_names(components: Mapping[str, Any]) -> list[str]:

@@ -9,9 +9,10 @@ from typing import Any
 
 import gradio as gr
 
-from webui.io.metadata import infotext_to_request_fields, parse_infotext, read_infotext
+from webui.io.metadata import control_units_from_infotext, infotext_to_request_fields, parse_infotext, read_infotext
 from webui.ui import send_to
 from webui.ui.common import Registry, status_html
+from webui.ui.control_requests import unit_indices, unit_setting_names, unit_values_from_infotext
 from webui.ui.requests import HIRES_FIELDS, txt2img_field_values
 
 SECTION = "png_info"
@@ -62,13 +63,16 @@ def wire(ctx: Any, registry: Registry, blocks: gr.Blocks) -> None:
     fields = [name for name in target if name in ("prompt", "negative_prompt", "steps", "sampler", "schedule",
                                                    "width", "height", "cfg_scale", "seed", "n_iter",
                                                    "batch_size", "clip_skip", *HIRES_FIELDS)]
+    fields += unit_setting_names(target)  # ControlNet unit settings (not their images)
 
     def send(text: str | None):
         if not text:
             return {c["status"]: status_html("Drop an image with parameters first.", kind="error")}
-        request_fields = infotext_to_request_fields(parse_infotext(text))
+        parsed = parse_infotext(text)
+        request_fields = infotext_to_request_fields(parsed)
         values = txt2img_field_values(request_fields)
         values.update({k: v for k, v in request_fields.items() if k in HIRES_FIELDS and v is not None})
+        values.update(unit_values_from_infotext(control_units_from_infotext(parsed), len(unit_indices(target))))
         updates: dict[Any, Any] = {target[name]: values[name] for name in fields if name in values}
         updates[registry["tabs"]] = gr.Tabs(selected=TARGET)
         updates[c["status"]] = status_html(f"Sent {len(updates) - 1} field(s) to txt2img.", kind="ok")

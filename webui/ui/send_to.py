@@ -13,8 +13,9 @@ from typing import Any, Mapping, Sequence
 
 from PIL import Image
 
-from webui.io.metadata import infotext_to_request_fields, parse_infotext
+from webui.io.metadata import control_units_from_infotext, infotext_to_request_fields, parse_infotext
 from webui.types import RequestError
+from webui.ui.control_requests import unit_indices, unit_setting_names, unit_values_from_infotext
 from webui.ui.img2img_requests import SOFT_INPAINT_FIELDS, infotext_values, size_from_image
 
 # target tab -> (button label, the target tab's input component)
@@ -70,11 +71,14 @@ def gallery_image(gallery: Sequence[Any] | None, index: int | None) -> Image.Ima
     return open_image(media)
 
 
-def parameter_values(infotext: str | None, image: Image.Image | None) -> dict[str, Any]:
-    """Widget values for an image tab from an infotext (prompt, sampler, seed...) and the image's size."""
+def parameter_values(infotext: str | None, image: Image.Image | None, unit_count: int = 0) -> dict[str, Any]:
+    """Widget values for an image tab from an infotext (prompt, sampler, seed... and the settings of its
+    ``unit_count`` ControlNet units) and the image's size."""
     values: dict[str, Any] = {}
     if infotext:
-        values.update(infotext_values(infotext_to_request_fields(parse_infotext(infotext))))
+        parsed = parse_infotext(infotext)
+        values.update(infotext_values(infotext_to_request_fields(parsed)))
+        values.update(unit_values_from_infotext(control_units_from_infotext(parsed), unit_count))
     if image is not None:
         values["width"], values["height"] = size_from_image(image)
     return values
@@ -89,8 +93,9 @@ def _selected_infotext(infotexts: Sequence[str] | None, index: int | None, image
 
 def _target_outputs(registry: Any, target: str) -> tuple[Any, list[str]]:
     comps = registry.section(target)
-    names = [n for n in PARAMETER_NAMES if n in comps] if target in PARAMETER_TARGETS else []
-    return comps, names
+    if target not in PARAMETER_TARGETS:
+        return comps, []
+    return comps, [n for n in PARAMETER_NAMES if n in comps] + unit_setting_names(comps)
 
 
 def wire(ctx: Any, registry: Any) -> None:
@@ -123,7 +128,7 @@ def _updates(target: str, names: list[str], image: Image.Image | None, infotext:
 
     if image is None:
         raise gr.Error("Nothing to send: generate (or drop) an image first", print_exception=False)
-    values = parameter_values(infotext, image) if names else {}
+    values = parameter_values(infotext, image, len(unit_indices(dict.fromkeys(names)))) if names else {}
     return [image, *(values.get(n, gr.skip()) for n in names), gr.Tabs(selected=target)]
 
 
