@@ -90,12 +90,27 @@ def test_img2img_without_image_says_so(page, app):
     page.wait_for_function("() => !document.querySelector('#img2img_generate').disabled")
 
 
+def settled_box(page, locator, *, polls: int = 3, every_ms: int = 250, limit_ms: int = 15000) -> dict:
+    """The element's bounding box once it has stayed the same for ``polls`` checks in a row (the image editor
+    sizes its canvas to the loaded image asynchronously, later on a busy machine)."""
+    previous, same, waited = None, 0, 0
+    while waited < limit_ms:
+        box = locator.bounding_box()
+        same = same + 1 if box and box == previous and box["width"] > 0 else 0
+        if same >= polls:
+            return box
+        previous = box
+        page.wait_for_timeout(every_ms)
+        waited += every_ms
+    raise AssertionError(f"the canvas kept changing size for {limit_ms} ms: {previous}")
+
+
 def draw_stroke(page, editor: str) -> None:
-    """Pick the brush and drag across the middle of the editor's canvas."""
+    """Pick the brush and drag across the middle of the editor's canvas, once its size has settled."""
     page.locator(editor).get_by_role("button", name="Brush", exact=True).click()
     canvas = page.locator(f"{editor} canvas").first
     canvas.scroll_into_view_if_needed()
-    box = canvas.bounding_box()
+    box = settled_box(page, canvas)
     x, y = box["x"] + box["width"] / 2 - 40, box["y"] + box["height"] / 2 - 10
     page.mouse.move(x, y)
     page.mouse.down()
@@ -108,7 +123,6 @@ def test_inpaint_draw_a_mask_and_generate(page, app, source, screenshots):
     open_tab(page, app, "Inpaint", "#inpaint_editor")
     page.locator("#inpaint_editor input[type=file]").first.set_input_files(str(source))
     page.locator("#inpaint_editor").get_by_role("button", name="Brush", exact=True).wait_for()
-    page.wait_for_timeout(1500)  # the editor sizes its canvas to the image asynchronously: draw after that
     draw_stroke(page, "#inpaint_editor")
     page.screenshot(path=str(screenshots / "inpaint_mask_drawn.png"))
     page.locator("#inpaint_prompt textarea").fill("inpaint in the browser")
