@@ -114,8 +114,7 @@ def test_unsupported_features_are_refused_with_a_reason(models):
         build_dit_plan(model, GenerationRequest(**{**BASE, "sampler": "DPM++ 2M"}))
     with pytest.raises(RequestError, match="schedule type 'Karras'"):
         build_dit_plan(model, GenerationRequest(**{**BASE, "schedule": "Karras"}))
-    with pytest.raises(RequestError, match="hires fix"):
-        build_dit_plan(model, GenerationRequest(**BASE, enable_hr=True))
+    assert build_dit_plan(model, GenerationRequest(**BASE, enable_hr=True)).hires is not None  # webui...dit_hires
     gray = Image.new("RGB", (64, 64), (128, 128, 128))
     with pytest.raises(RequestError, match="inpainting"):
         build_dit_plan(model, Img2ImgRequest(**BASE, init_images=(gray,), mask=Image.new("L", (64, 64), 255)))

@@ -19,11 +19,14 @@ Same runner, seeds, previews, Interrupt/Skip, saving and infotext as the UNet mo
 * Chroma (``Arch.FLUX``, its own pipeline: ``pipeline_tasks.FAMILY_TASKS``): real CFG with the negative prompt
   and T5 attention masks (``GUIDANCE_BY_PIPELINE``); txt2img and img2img.
 * inpainting: Flux.1 Fill models (``webui.generation.dit_fill``); other DiT models refuse a mask.
-* not yet: hires fix, ControlNet and IP-Adapter on DiT models (clear ``RequestError``).
+* hires fix (txt2img): ``webui.generation.dit_hires`` (the plan's ``hires`` hook): upscale, then the family's
+  img2img pipeline at the larger size; refused on Flux.1 Fill and edit models (Kontext, Qwen-Image-Edit).
+* not yet: ControlNet and IP-Adapter on DiT models (clear ``RequestError``).
 Worker thread only.
 """
 from __future__ import annotations
 
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Mapping
 
@@ -35,8 +38,8 @@ from webui.image_requests import Img2ImgRequest
 from webui.prompt.dit_encode import DIT_ARCHES
 from webui.types import Arch, GenerationRequest, RequestError, Variant
 
-__all__ = ["DIT_ARCHES", "FLOW_SAMPLERS", "build_dit_plan", "check_request", "fit_area", "flow_scheduler",
-           "stitch_references"]
+__all__ = ["DIT_ARCHES", "FLOW_SAMPLERS", "build_dit_plan", "check_request", "decode_images", "fit_area",
+           "flow_scheduler", "repeat_batch", "stitch_references", "vae_latents"]
 
 PACKED = frozenset({Arch.FLUX, Arch.QWEN_IMAGE})  # 2x2 latent patches packed into tokens
 LABELS: Mapping[Arch, str] = MappingProxyType({Arch.SD3: "SD3", Arch.FLUX: "Flux", Arch.QWEN_IMAGE: "Qwen-Image"})
@@ -61,6 +64,9 @@ def _label(model: Any) -> str:
     return LABELS.get(model.arch, str(getattr(model.arch, "value", model.arch)))
 
 
+# variants without a hires second pass (their img2img would drop the mask / the reference images)
+HIRES_REFUSED: Mapping[Variant, str] = MappingProxyType({Variant.INPAINT: "Flux.1 Fill (inpainting)",
+                                                         Variant.EDIT: "edit (Flux.1 Kontext, Qwen-Image-Edit)"})
 DEFAULT_SAMPLER = "Euler a"  # A1111's default: what most API clients send; sampled as flow Euler with a note
 
 
@@ -73,9 +79,10 @@ def check_request(model: Any, request: GenerationRequest) -> None:
     if request.schedule not in FLOW_SCHEDULES:
         raise RequestError(f"schedule type {request.schedule!r} is not available for {label} models: use 'Simple' "
                            "(the model's own flow-matching shift schedule) or 'Automatic'.")
-    if request.enable_hr:
-        raise RequestError(f"hires fix is not supported for {label} models yet: turn hires fix off, or upscale the "
-                           "result in img2img / Extras")
+    if request.enable_hr and model.components.variant in HIRES_REFUSED:
+        raise RequestError(f"hires fix is not available for {HIRES_REFUSED[model.components.variant]} models: turn "
+                           "hires fix off and upscale the result in img2img (with a Flux.1 dev / schnell, Chroma, "
+                           "SD3 or Qwen-Image checkpoint) or in Extras")
     if request.controlnet and any(getattr(u, "enabled", True) for u in request.controlnet):
         raise RequestError(f"ControlNet is not supported for {label} models yet: disable the ControlNet units")
     if request.ip_adapters:
@@ -182,7 +189,7 @@ def _references(request: Img2ImgRequest) -> list[Any]:
 
 
 # ----------------------------------------------------------------------------- plans
-def _guidance_kwargs(pipe: Any, mode: str, cfg: float) -> dict[str, Any]:
+def guidance_kwargs(pipe: Any, mode: str, cfg: float) -> dict[str, Any]:
     if mode == "true_cfg":
         distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
         return {"true_cfg_scale": cfg, "guidance_scale": cfg if distilled else None}
@@ -213,7 +220,7 @@ def build_dit_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
     pipe = task_pipeline(model, task)
     width, height, batch = request.width, request.height, request.batch_size
     guidance = guidance_mode(model)
-    call: dict[str, Any] = {"width": width, "height": height, **_guidance_kwargs(pipe, guidance, request.cfg_scale)}
+    call: dict[str, Any] = {"width": width, "height": height, **guidance_kwargs(pipe, guidance, request.cfg_scale)}
     infotext: dict[str, Any] = {}
     info: dict[str, Any] = {"task": task, "sampler_name": INFOTEXT_SAMPLER[0], "scheduler": INFOTEXT_SAMPLER[1],
                             "guidance": guidance}
@@ -241,31 +248,44 @@ def build_dit_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
         def batch_kwargs(_batch_index: int, _seeds: list[int], noise: torch.Tensor) -> dict[str, Any]:
             return {"latents": pack(pipe, noise) if arch in PACKED else noise}
 
-    def repeat(kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {k: v.repeat(batch, *([1] * (v.ndim - 1))) if isinstance(v, torch.Tensor) and v.shape[0] == 1
-                else v for k, v in kwargs.items()}
-
     conditioning = None
     if arch in REPEAT_CONDITIONING and batch > 1:  # these pipelines do not repeat embeddings passed in
         call["num_images_per_prompt"] = 1
-        conditioning = repeat
+        conditioning = partial(repeat_batch, batch=batch)
 
-    to_vae = (lambda latents: unpack(pipe, latents, width, height)) if arch in PACKED else None
-    if arch is Arch.QWEN_IMAGE:
-        def decode(p: Any, latents: torch.Tensor) -> list[Any]:
-            return qwen_decode(p, to_vae(latents))
-    elif to_vae is not None:
-        def decode(p: Any, latents: torch.Tensor) -> list[Any]:
-            return vae_decode(p, to_vae(latents))
-    else:
-        decode = None
+    hires, notes = None, ()
+    if request.enable_hr and task == "txt2img":  # second pass: webui.generation.dit_hires
+        from webui.generation.dit_hires import hires_notes, run_dit_hires
+
+        hires, notes = run_dit_hires, hires_notes(model, request)
+        infotext.update({"Hires sampler": None, "Hires schedule type": None})  # sampled with flow Euler
+    to_vae = (lambda latents: vae_latents(pipe, arch, latents, width, height)) if arch in PACKED else None
     return SamplingPlan(
         pipe=pipe, mode="img2img" if images else "txt2img", steps_run=steps_run, call_kwargs=call,
         batch_kwargs=batch_kwargs, infotext=infotext, prompt_schedule=False, info=info,
-        latent_shape=latent_shape(pipe, arch, width, height), to_vae_latents=to_vae, decode=decode,
+        latent_shape=latent_shape(pipe, arch, width, height), to_vae_latents=to_vae,
+        decode=lambda p, latents: decode_images(p, arch, latents, width, height),
         make_scheduler=lambda _seed: flow_scheduler(model.components.scheduler_config),
-        sampler_label=INFOTEXT_SAMPLER, conditioning=conditioning,
+        sampler_label=INFOTEXT_SAMPLER, conditioning=conditioning, hires=hires, notes=notes,
     )
+
+
+def repeat_batch(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
+    """Conditioning tensors of batch 1 repeated to ``batch`` (for ``REPEAT_CONDITIONING`` pipelines)."""
+    return {k: v.repeat(batch, *([1] * (v.ndim - 1))) if isinstance(v, torch.Tensor) and v.shape[0] == 1
+            else v for k, v in kwargs.items()}
+
+
+def vae_latents(pipe: Any, arch: Arch, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Pipeline latents -> (B, C, h, w): packed tokens (Flux, Qwen-Image: 3-D) are unpacked for ``width`` x
+    ``height``; (B, C, h, w) latents (SD3, and what the hires pass returns) are returned as they are."""
+    return unpack(pipe, latents, width, height) if arch in PACKED and latents.ndim == 3 else latents
+
+
+def decode_images(pipe: Any, arch: Arch, latents: torch.Tensor, width: int, height: int) -> list[Any]:
+    """Pipeline latents (packed or not, see ``vae_latents``) -> PIL images through the family's VAE."""
+    z = vae_latents(pipe, arch, latents, width, height)
+    return qwen_decode(pipe, z) if arch is Arch.QWEN_IMAGE else vae_decode(pipe, z)
 
 
 def _edit_inputs(arch: Arch, task: str, images: list[Any], width: int, height: int) -> dict[str, Any]:

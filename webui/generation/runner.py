@@ -178,6 +178,8 @@ class SamplingPlan:
     make_scheduler: Callable[[int], Any] | None = None  # (seed) -> fresh scheduler, instead of the sampler table
     sampler_label: tuple[str, str] | None = None  # (sampler, schedule) written to infotext instead of the request's
     conditioning: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # adapts the encoder's kwargs
+    hires: Callable[..., tuple[torch.Tensor | None, bool]] | None = None  # hires second pass; None: hires.run_hires
+    notes: tuple[str, ...] = ()  # warnings for the user (added to the result's info["warnings"])
 
 
 def txt2img_plan(model: Any, request: GenerationRequest, control_cond: Any = None) -> SamplingPlan:
@@ -292,12 +294,14 @@ def run_generation(model: Any, request: GenerationRequest, control: Any, options
             break
         if reporter.skipped:
             continue
-        if request.enable_hr:  # 4b. hires fix: upscale + second pass (webui.generation.hires)
-            latents, interrupted = run_hires(model=model, request=request, latents=latents, seeds=batch_seeds,
-                                             control=control, started=started, tools=options.hires,
-                                             samplers=options.samplers, control_cond=plan.control)
+        if request.enable_hr:  # 4b. hires fix: upscale + second pass (webui.generation.hires; DiT: dit_hires)
+            latents, interrupted = (plan.hires or run_hires)(
+                model=model, request=request, latents=latents, seeds=batch_seeds, control=control, started=started,
+                tools=options.hires, samplers=options.samplers, control_cond=plan.control)
             if interrupted:
                 break
+            if latents is None:  # skipped during the second pass
+                continue
         # 5. Decode, infotext, save.
         for offset, image in enumerate((plan.decode or decode)(pipe, latents)):
             seed, index = batch_seeds[offset], lo + offset
@@ -363,7 +367,7 @@ def _result_info(request: GenerationRequest, model: Any, images: list[GeneratedI
         "sd_vae_name": model.vae_name,
         "infotexts": [img.infotext for img in images],
         "seconds": round(time.perf_counter() - started, 3),
-        "warnings": list(loras.warnings) if loras else [],
+        "warnings": [*(loras.warnings if loras else ()), *plan.notes],
         "lora_layers": {k: list(v) for k, v in getattr(loras, "matched", {}).items()} if loras else {},
         "version": VERSION,
         "mode": plan.mode,
