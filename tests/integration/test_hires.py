@@ -121,3 +121,40 @@ def test_api_txt2img_enable_hr(tmp_path_factory, fixture_cache):
             assert png["parameters"]["Hires upscale"] == "1.5"
     finally:
         running.close()
+
+
+def test_skip_during_the_second_pass_drops_the_batch_and_interrupt_stops(ctx):
+    """The same second-pass callback as the DiT families (hires.second_pass_callback): progress continues over
+    both passes; Skip -> (None, False), the runner moves on; Interrupt -> (None, True)."""
+    import time
+
+    import torch
+
+    from webui.generation.hires import run_hires
+
+    _done(ctx.run(GenerationRequest(**BASE), timeout=300))
+    model = ctx.manager.current
+    request = GenerationRequest(**BASE, enable_hr=True, hr_scale=2.0, hr_upscaler="Latent", hr_second_pass_steps=4,
+                                denoising_strength=0.5)
+    latents = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+
+    class Control:
+        def __init__(self, skip: bool = False, interrupt: bool = False):
+            self.skip, self.interrupted, self.steps = skip, interrupt, []
+
+        def update(self, **changes):
+            self.steps.append(changes.get("step"))
+
+        def consume_skip(self):
+            return self.skip
+
+    def second(control):
+        return run_hires(model=model, request=request, latents=latents.clone(), seeds=[3], control=control,
+                         started=time.perf_counter())
+
+    plain = Control()
+    out, interrupted = second(plain)
+    assert out.shape == (1, 4, 16, 16) and not interrupted
+    assert [s for s in plain.steps if s is not None] == [3, 4]  # 2 first-pass steps, then 2 of the 4 hires steps
+    assert second(Control(skip=True)) == (None, False)
+    assert second(Control(interrupt=True)) == (None, True)

@@ -29,14 +29,14 @@ Worker thread only.
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
 
 from webui.generation.dit import (FLOW_SAMPLERS, REPEAT_CONDITIONING, decode_images, flow_scheduler,
                                   guidance_kwargs, guidance_mode, repeat_batch, vae_latents)
-from webui.generation.hires import LATENT_MODES, HiresTools, _upscale_images, steps_of, target_size, upscale_latents
+from webui.generation.hires import (LATENT_MODES, HiresTools, _upscale_images, second_pass_callback, steps_of,
+                                   target_size, upscale_latents)
 from webui.generation.pipeline_tasks import base_pipeline_class, task_pipeline
 from webui.types import Arch, GenerationRequest
 
@@ -119,19 +119,8 @@ def run_dit_hires(*, model: Any, request: GenerationRequest, latents: torch.Tens
     batch, per_prompt = len(seeds), len(seeds)
     if arch in REPEAT_CONDITIONING and batch > 1:  # these pipelines do not repeat embeddings passed in
         embeds, per_prompt = repeat_batch(embeds, batch), 1
-    total, skipped = request.steps + run_steps, []
-
-    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        done = request.steps + step + 1
-        elapsed = time.perf_counter() - started
-        control.update(step=done, total_steps=total, eta_seconds=elapsed / done * (total - done),
-                       text=f"hires step {step + 1}/{run_steps}")
-        if control.interrupted:
-            pipe._interrupt = True
-        elif control.consume_skip():
-            skipped.append(step)
-            pipe._interrupt = True
-        return {}
+    skipped: list[int] = []
+    on_step = second_pass_callback(request, control, started, run_steps, skipped)
 
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     out = img_pipe(

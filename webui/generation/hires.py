@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -172,17 +172,8 @@ def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, 
     if run_steps < 1:
         raise RequestError(f"hires fix: denoising strength {request.denoising_strength} x {hr_steps} hires steps "
                            "leaves no step to run; raise the denoising strength or the hires steps")
-    total = request.steps + run_steps
-
-    def on_step(p: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        done = request.steps + step + 1
-        elapsed = time.perf_counter() - started
-        control.update(step=done, total_steps=total, eta_seconds=elapsed / done * (total - done),
-                       text=f"hires step {step + 1}/{run_steps}")
-        if control.interrupted:
-            p._interrupt = True
-        return {}
-
+    skipped: list[int] = []
+    on_step = second_pass_callback(request, control, started, run_steps, skipped)
     kwargs: dict[str, Any] = hires_control(control_cond, size)
     if "SDXL" in type(img_pipe).__name__:
         kwargs.update(original_size=(size[1], size[0]), target_size=(size[1], size[0]))
@@ -192,4 +183,27 @@ def run_hires(*, model: Any, request: GenerationRequest, latents: torch.Tensor, 
         output_type="latent", callback_on_step_end=on_step, callback_on_step_end_tensor_inputs=["latents"],
         **kwargs,
     ).images
-    return result, bool(control.interrupted)
+    if control.interrupted:
+        return None, True
+    return (None, False) if skipped else (result, False)
+
+
+def second_pass_callback(request: GenerationRequest, control: Any, started: float, run_steps: int,
+                         skipped: list[int]) -> Callable[..., dict[str, Any]]:
+    """The second pass's ``callback_on_step_end``: progress continues from the first pass's steps; Interrupt
+    stops the job, Skip stops this batch (its step is appended to ``skipped``)."""
+    total = request.steps + run_steps
+
+    def on_step(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        done = request.steps + step + 1
+        elapsed = time.perf_counter() - started
+        control.update(step=done, total_steps=total, eta_seconds=elapsed / done * (total - done),
+                       text=f"hires step {step + 1}/{run_steps}")
+        if control.interrupted:
+            pipe._interrupt = True
+        elif control.consume_skip():
+            skipped.append(step)
+            pipe._interrupt = True
+        return {}
+
+    return on_step
