@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from playwright.sync_api import expect
 
 from tests.browser.conftest import start_app
 
@@ -35,29 +36,32 @@ def test_wildcards_accordion_expands_a_prompt(page, ext_app, screenshots):
 
 
 def test_extensions_tab_lists_examples_and_persists_disable(page, ext_app, screenshots):
-    page.goto(ext_app.url)
-    page.get_by_role("tab", name="Extensions").click()
-    table = page.locator("#extensions_table")
-    for name in ("wildcards", "contact_sheet"):
-        row = table.locator(f'tr[data-ext="{name}"]')
-        row.wait_for()
-        assert row.locator(".ext-status").inner_text() == "enabled"
-    page.locator("#extensions_warning").get_by_text(re.compile("run Python code")).wait_for()
-    page.locator("#extensions_settings").get_by_text("Watermark text").wait_for()
-    page.locator("#extensions_enabled").get_by_label("contact_sheet").uncheck()
-    page.locator("#extensions_apply").click()
-    page.locator("#extensions_status").get_by_text(re.compile("disabled contact_sheet")).wait_for()
-    assert table.locator('tr[data-ext="contact_sheet"] .ext-status').inner_text() == "disabled"
-    state = ext_app.ctx.settings.data_dir / "extensions.json"
-    assert json.loads(state.read_text())["disabled"] == ["contact_sheet"]
-    page.screenshot(path=str(screenshots / "extensions_tab.png"), full_page=True)
-    page.reload()  # the saved state is what a new page shows
-    page.get_by_role("tab", name="Extensions").click()
-    assert not page.locator("#extensions_enabled").get_by_label("contact_sheet").is_checked()
-    page.locator("#extensions_enabled").get_by_label("contact_sheet").check()
-    page.locator("#extensions_apply").click()
-    page.locator("#extensions_status").get_by_text(re.compile("enabled contact_sheet")).wait_for()
-    assert json.loads(state.read_text())["disabled"] == []
+    try:
+        page.goto(ext_app.url)
+        page.get_by_role("tab", name="Extensions").click()
+        table = page.locator("#extensions_table")
+        for name in ("wildcards", "contact_sheet"):
+            row = table.locator(f'tr[data-ext="{name}"]')
+            row.wait_for()
+            assert row.locator(".ext-status").inner_text() == "enabled"
+        page.locator("#extensions_warning").get_by_text(re.compile("run Python code")).wait_for()
+        page.locator("#extensions_settings").get_by_text("Watermark text").wait_for()
+        page.locator("#extensions_enabled").get_by_label("contact_sheet").uncheck()
+        page.locator("#extensions_apply").click()
+        page.locator("#extensions_status").get_by_text(re.compile("disabled contact_sheet")).wait_for()
+        assert table.locator('tr[data-ext="contact_sheet"] .ext-status').inner_text() == "disabled"
+        state = ext_app.ctx.settings.data_dir / "extensions.json"
+        assert json.loads(state.read_text())["disabled"] == ["contact_sheet"]
+        page.screenshot(path=str(screenshots / "extensions_tab.png"), full_page=True)
+        page.reload()  # the saved state is what a new page shows (the page's load event fills it in)
+        page.get_by_role("tab", name="Extensions").click()
+        expect(page.locator("#extensions_enabled").get_by_label("contact_sheet")).not_to_be_checked()
+        page.locator("#extensions_enabled").get_by_label("contact_sheet").check()
+        page.locator("#extensions_apply").click()
+        page.locator("#extensions_status").get_by_text(re.compile("enabled contact_sheet")).wait_for()
+        assert json.loads(state.read_text())["disabled"] == []
+    finally:
+        ext_app.ctx.plugins.set_enabled("contact_sheet", True)  # the next test uses its API route
 
 
 def test_extension_route_is_mounted_beside_gradio(ext_app):
