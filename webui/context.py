@@ -121,8 +121,8 @@ class AppContext:
             "Other files go to: "
             f"VAE -> {s.vae_dir}, LoRA -> {s.lora_dir}, embeddings -> {s.embeddings_dir}, "
             f"upscalers -> {s.esrgan_dir}, ControlNet -> {s.controlnet_dir}, IP-Adapter -> {s.ipadapter_dir} "
-            f"(image encoders -> {s.clip_vision_dir}); Flux/SD3.5 transformer-only files -> {s.unet_dir} with their "
-            f"text encoders in {s.text_encoders_dir}. "
+            f"(image encoders -> {s.clip_vision_dir}); Flux/Chroma/SD3.5/Qwen-Image transformer-only files "
+            f"(.safetensors or .gguf) -> {s.unet_dir} with their text encoders in {s.text_encoders_dir}. "
             "Or use 'Download a starter model', or restart with --demo for tiny noise-making demo models."
         )
 
