@@ -15,8 +15,8 @@ from tests.fixtures.chroma_fill_factory import ChromaFillModels
 from tests.fixtures.dit_pipes import Control, FakeModel, flux_pipe, qwen_pipe
 from tests.fixtures.jobs import done, pixels
 from webui.context import AppContext
-from webui.generation.dit import build_dit_plan, check_request, flow_scheduler
-from webui.generation.dit_hires import hires_notes, latents_as_image, pipeline_steps, second_pass_size
+from webui.generation.dit import build_dit_plan, check_request, flow_scheduler, flow_steps_run
+from webui.generation.dit_hires import hires_notes, latents_as_image, second_pass_size
 from webui.generation.runner import RunOptions, run_generation
 from webui.io.metadata import infotext_to_request_fields, parse_infotext
 from webui.types import Arch, GenerationRequest, JobState, RequestError, Variant
@@ -191,13 +191,13 @@ def test_second_pass_size_floors_a1111_targets_to_16():
 
 
 @pytest.mark.parametrize("steps,strength", [(2, 0.5), (3, 0.5), (20, 0.35), (4, 1.0), (10, 0.01), (7, 0.7)])
-def test_pipeline_steps_is_what_the_flow_img2img_pipelines_run(steps, strength):
+def test_flow_steps_run_is_what_the_flow_img2img_pipelines_run(steps, strength):
     from diffusers import FluxImg2ImgPipeline
 
     scheduler = flow_scheduler({"shift": 3.0})
     scheduler.set_timesteps(steps)
     timesteps, count = FluxImg2ImgPipeline.get_timesteps(SimpleNamespace(scheduler=scheduler), steps, strength, "cpu")
-    assert pipeline_steps(steps, strength) == count == len(timesteps) >= 1
+    assert flow_steps_run(steps, strength) == count == len(timesteps) >= 1
 
 
 def test_hires_notes():

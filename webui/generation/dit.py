@@ -39,7 +39,7 @@ from webui.prompt.dit_encode import DIT_ARCHES
 from webui.types import Arch, GenerationRequest, RequestError, Variant
 
 __all__ = ["DIT_ARCHES", "FLOW_SAMPLERS", "build_dit_plan", "check_request", "decode_images", "fit_area",
-           "flow_scheduler", "repeat_batch", "stitch_references", "vae_latents"]
+           "flow_scheduler", "flow_steps_run", "repeat_batch", "stitch_references", "vae_latents"]
 
 PACKED = frozenset({Arch.FLUX, Arch.QWEN_IMAGE})  # 2x2 latent patches packed into tokens
 LABELS: Mapping[Arch, str] = MappingProxyType({Arch.SD3: "SD3", Arch.FLUX: "Flux", Arch.QWEN_IMAGE: "Qwen-Image"})
@@ -230,7 +230,8 @@ def build_dit_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
         from webui.generation.img2img import steps_to_run
 
         fitted = [resize_image(img, width, height, request.resize_mode) for img in images]
-        steps_run = steps_to_run(request)
+        steps_to_run(request)  # refuses a strength that leaves no step (A1111's rule, as for SD)
+        steps_run = flow_steps_run(request.steps, request.denoising_strength)  # what the pipeline runs
         infotext["Denoising strength"] = request.denoising_strength
         info["denoising_strength"] = request.denoising_strength
 
@@ -268,6 +269,12 @@ def build_dit_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
         make_scheduler=lambda _seed: flow_scheduler(model.components.scheduler_config),
         sampler_label=INFOTEXT_SAMPLER, conditioning=conditioning, hires=hires, notes=notes,
     )
+
+
+def flow_steps_run(steps: int, strength: float) -> int:
+    """Steps the flow-matching img2img / inpaint pipelines run for ``steps`` x ``strength`` (their
+    ``get_timesteps`` skips the first ``int(steps - steps * strength)``); at least 1 for any strength > 0."""
+    return steps - int(max(steps - min(steps * strength, steps), 0))
 
 
 def repeat_batch(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from webui.generation import masks
-from webui.generation.dit import (GUIDANCE, INFOTEXT_SAMPLER, check_request, flow_scheduler, pack, unpack)
+from webui.generation.dit import (GUIDANCE, INFOTEXT_SAMPLER, check_request, flow_scheduler, flow_steps_run, pack,
+                                  unpack)
 from webui.generation.pipeline_tasks import task_pipeline
 from webui.generation.runner import SamplingPlan, decode as vae_decode
 from webui.image_requests import FILL_LATENT_NOISE, FILL_LATENT_NOTHING, Img2ImgRequest
@@ -42,8 +43,7 @@ def first_sigma(scheduler_config: Any, steps: int, strength: float, image_seq_le
     mu = calculate_shift(image_seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
                          config.get("base_shift", 0.5), config.get("max_shift", 1.15))
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    start = int(max(steps - min(steps * strength, steps), 0))
-    return float(scheduler.sigmas[start])
+    return float(scheduler.sigmas[steps - flow_steps_run(steps, strength)])
 
 
 def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,9 @@ def build_fill_plan(model: Any, request: GenerationRequest) -> SamplingPlan:
         prepared = prepare_images(request)
         inputs, mask = prepared.inputs, prepared.mask
         strength = float(request.denoising_strength)
-        steps_run = steps_to_run(request) if strength < 1 else request.steps
+        if strength < 1:
+            steps_to_run(request)  # refuses a strength that leaves no step (A1111's rule, as for SD)
+        steps_run = flow_steps_run(request.steps, strength)  # what the pipeline runs
         infotext = infotext_fields(request, "inpaint")
     else:
         prepared, inputs, mask, strength, steps_run, infotext = None, [Image.new("RGB", size, BLANK)], None, 1.0, 0, {}

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 
 from webui.generation.dit import (FLOW_SAMPLERS, REPEAT_CONDITIONING, decode_images, flow_scheduler,
-                                  guidance_kwargs, guidance_mode, repeat_batch, vae_latents)
+                                  flow_steps_run, guidance_kwargs, guidance_mode, repeat_batch, vae_latents)
 from webui.generation.hires import (LATENT_MODES, HiresTools, _upscale_images, second_pass_callback, steps_of,
                                    target_size, upscale_latents)
 from webui.generation.pipeline_tasks import base_pipeline_class, task_pipeline
 from webui.types import Arch, GenerationRequest
 
-__all__ = ["hires_notes", "latents_as_image", "pipeline_steps", "run_dit_hires", "second_pass_size"]
+__all__ = ["hires_notes", "latents_as_image", "run_dit_hires", "second_pass_size"]
 
 SIZE_MULTIPLE = 16  # 8x VAE downsampling x 2x2 latent patches (Flux / Qwen-Image packing, SD3 patch size 2)
 FLOW_SCHEDULE_NAMES = ("Automatic", "Simple")
@@ -50,12 +50,6 @@ def second_pass_size(request: GenerationRequest, multiple: int = SIZE_MULTIPLE) 
     """The second pass's (width, height): A1111's target size floored to ``multiple``."""
     width, height = target_size(request)
     return width // multiple * multiple, height // multiple * multiple
-
-
-def pipeline_steps(steps: int, strength: float) -> int:
-    """Steps the flow img2img pipelines run for ``steps`` and ``strength`` (their ``get_timesteps``)."""
-    start = int(max(steps - min(steps * strength, steps), 0))
-    return steps - start
 
 
 def latents_as_image(pipe: Any, channels: int) -> bool:
@@ -106,7 +100,7 @@ def run_dit_hires(*, model: Any, request: GenerationRequest, latents: torch.Tens
     arch = Arch(model.arch)
     size = second_pass_size(request)
     hr_steps = steps_of(request)
-    run_steps = pipeline_steps(hr_steps, request.denoising_strength)  # >= 1: requests refuse strength 0
+    run_steps = flow_steps_run(hr_steps, request.denoising_strength)  # >= 1: requests refuse strength 0
     control.update(text=f"hires fix: upscaling to {size[0]}x{size[1]} ({request.hr_upscaler})")
     img_pipe = task_pipeline(model, "img2img")
     image = _upscaled_input(model, request, latents, img_pipe, size, tools, control)
