@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from webui.api.images import decode_image
 from webui.api.schemas import ControlNetUnitRequest
 from webui.image_requests import CONTROL_MODES, MAX_CONTROL_UNITS, ControlUnit, ReferenceImages
+from webui.io.metadata import strip_title_hash
 from webui.types import RequestError
 
 DEFAULT_PROCESSOR_RES = 512
@@ -39,8 +40,6 @@ class AlwaysOn:
 
 def strip_model_hash(name: str | None) -> str:
     """``"control_v11p_sd15_canny [d14c016b]"`` -> ``"control_v11p_sd15_canny"``; ``"None"`` stays."""
-    from webui.api.convert import strip_title_hash
-
     return strip_title_hash(name or "")
 
 

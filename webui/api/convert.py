@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -21,6 +20,7 @@ from typing import Any, Mapping
 from webui.api import controlnet_units
 from webui.api.schemas import ProcessingRequest, Txt2ImgRequest
 from webui.generation import samplers
+from webui.io.metadata import strip_title_hash
 from webui.options import SPECS_BY_KEY
 from webui.types import GenerationRequest, JobState, RequestError
 
@@ -31,7 +31,6 @@ OVERRIDE_FIELDS: Mapping[str, str] = {
     "sd_vae": "vae",
     "CLIP_stop_at_last_layers": "clip_skip",
 }
-_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\s*$")
 # infotext (GenerationRequest field names, from webui.io.metadata) -> A1111 request fields
 _INFOTEXT_FIELDS: Mapping[str, str] = {
     "prompt": "prompt",
@@ -71,11 +70,6 @@ class Txt2ImgConversion:
     send_images: bool
     warnings: tuple[str, ...] = ()
     keep_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # restore_afterwards=False
-
-
-def strip_title_hash(title: str) -> str:
-    """``"model.safetensors [6ce0161689]"`` (A1111 title) -> ``"model.safetensors"``."""
-    return _TITLE_HASH.sub("", title or "").strip()
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -138,6 +138,9 @@ def adapter_plan(model: Any, request: Any, cond: AdapterConditioning) -> Any:
     from webui.generation.pipeline_tasks import task_for, task_pipeline
     from webui.generation.runner import SamplingPlan
 
+    if getattr(request, "ip_adapters", ()):
+        raise RequestError("T2I-Adapter units cannot be combined with IP-Adapter reference images in one job yet: "
+                           "disable the IP-Adapter unit or use a ControlNet")
     if task_for(model.components.variant, has_image=False, has_mask=False) != "txt2img":
         raise RequestError("T2I-Adapter units need a normal txt2img checkpoint; this is an inpaint checkpoint: "
                            "pick a non-inpaint checkpoint or use a ControlNet")
@@ -171,7 +174,4 @@ def job_notes(cond: Any, request: Any) -> list[str]:
     notes = list(cond.notes)
     if getattr(request, "enable_hr", False):
         notes.append("hires fix: the second pass runs without the T2I-Adapter units (no img2img adapter pipeline)")
-    if getattr(request, "ip_adapters", ()):
-        raise RequestError("T2I-Adapter units cannot be combined with IP-Adapter reference images in one job yet: "
-                           "disable the IP-Adapter unit or use a ControlNet")
     return notes

@@ -263,7 +263,12 @@ CONTROL_UNIT_KEYS = ("Module", "Model", "Weight", "Resize Mode", "Processor Res"
                      "Guidance Start", "Guidance End", "Pixel Perfect", "Control Mode")
 _RE_CONTROL_UNIT = re.compile(r"^ControlNet (\d+)$")
 _RE_CONTROL_FIELD = re.compile(r"(?:^|, )(" + "|".join(map(re.escape, CONTROL_UNIT_KEYS)) + r"): ")
-_RE_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{8,64}\]$")
+_RE_TITLE_HASH = re.compile(r"\s*\[[0-9a-fA-F]{6,64}\]\s*$")
+
+
+def strip_title_hash(title: str) -> str:
+    """``"model.safetensors [6ce0161689]"`` (an A1111 model title) -> ``"model.safetensors"``."""
+    return _RE_TITLE_HASH.sub("", title or "").strip()
 
 
 def control_units_from_infotext(parsed: Mapping[str, Any]) -> dict[int, dict[str, str]]:
@@ -277,7 +282,7 @@ def control_units_from_infotext(parsed: Mapping[str, Any]) -> dict[int, dict[str
         pieces = _RE_CONTROL_FIELD.split(value)
         fields = {name: text.strip() for name, text in zip(pieces[1::2], pieces[2::2])}
         if "Model" in fields:
-            fields["Model"] = _RE_TITLE_HASH.sub("", fields["Model"])
+            fields["Model"] = strip_title_hash(fields["Model"])
         units[int(match.group(1))] = fields
     return units
 

@@ -99,7 +99,7 @@ def _plan(ctx: "AppContext", model: Any, request: GenerationRequest, control: "J
 
         return build_plan(model, request, control_for), []
     cond = control_for(None) if control_for else None
-    notes = job_notes(cond, request)  # T2I-Adapter units: what runs differently, or a RequestError
+    notes = job_notes(cond, request)  # T2I-Adapter units: what runs differently
     return txt2img_plan(model, request, cond), notes
 
 
